@@ -1,0 +1,38 @@
+"""lorakit: Low-Rank Adaptation for any PyTorch model, with lossless merge and PEFT-compatible files."""
+from .adapters import adapter_config, adapter_paths, adapters, delete_adapter, disabled, merged_adapter, set_active, use
+from .config import LoraConfig
+from .errors import LoraError
+from .inject import active_adapter, inject_, resolve_targets
+from .io import load_adapter, save_adapter
+from .layers import LoraLayer, lora_layers
+from .lowrank import delta_weight, lora_scale
+from .merge import merge_, unload_, unmerge_
+from .params import parameter_counts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraError",
+    "LoraLayer",
+    "active_adapter",
+    "adapter_config",
+    "adapter_paths",
+    "adapters",
+    "delete_adapter",
+    "delta_weight",
+    "disabled",
+    "inject_",
+    "load_adapter",
+    "lora_layers",
+    "lora_scale",
+    "merge_",
+    "merged_adapter",
+    "parameter_counts",
+    "resolve_targets",
+    "save_adapter",
+    "set_active",
+    "unload_",
+    "unmerge_",
+    "use",
+]

@@ -1,0 +1,142 @@
+"""LoraConfig: what to adapt and how, frozen and validated once at construction."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from .errors import problems_error
+from .lowrank import lora_scale
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("default", "gaussian")
+ALL_LINEAR = "all-linear"
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    """A module path matches a pattern if equal, if it ends with '.' + pattern, or as a glob."""
+    return path == pattern or path.endswith("." + pattern) or fnmatch.fnmatchcase(path, pattern)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA adapter's hyper-parameters: dW = (alpha / rank) * B @ A on every targeted module.
+
+    rank_pattern / alpha_pattern map a target-style pattern to a per-module rank / alpha;
+    the first matching pattern wins.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj")
+    exclude: tuple[str, ...] = ()
+    bias: str = "none"
+    init: str = "default"
+    rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Normalise containers so the frozen config is hashable-ish and cannot be mutated.
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
+        problems = self._problems()
+        if problems:
+            raise problems_error("invalid LoraConfig", problems)
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        if not _is_int(self.rank) or self.rank < 1:
+            p.append(f"rank={self.rank!r}: must be a positive integer, e.g. rank=8")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            p.append(f"alpha={self.alpha!r}: must be a positive number, e.g. alpha=16 (scale = alpha/rank)")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            p.append(f"dropout={self.dropout!r}: must be a number in [0, 1), e.g. dropout=0.05")
+        if not isinstance(self.targets, tuple) or not self.targets or not all(
+            isinstance(t, str) and t for t in self.targets
+        ):
+            p.append(
+                f"targets={self.targets!r}: must be a non-empty sequence of module names or globs, "
+                f"e.g. targets=('q_proj', 'v_proj') or targets='{ALL_LINEAR}'"
+            )
+        if not isinstance(self.exclude, tuple) or not all(isinstance(t, str) and t for t in self.exclude):
+            p.append(f"exclude={self.exclude!r}: must be a sequence of module names or globs")
+        if self.bias not in BIAS_MODES:
+            p.append(f"bias={self.bias!r}: must be one of {', '.join(map(repr, BIAS_MODES))}")
+        if self.init not in INIT_MODES:
+            p.append(f"init={self.init!r}: must be one of {', '.join(map(repr, INIT_MODES))}")
+        if not isinstance(self.rslora, bool):
+            p.append(f"rslora={self.rslora!r}: must be True or False")
+        p += _pattern_problems("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v >= 1, "a positive integer")
+        p += _pattern_problems("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0, "a positive number")
+        return p
+
+    def rank_for(self, path: str) -> int:
+        """The rank used for the module at `path` (rank_pattern first, then rank)."""
+        return _first_match(self.rank_pattern, path, self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha used for the module at `path` (alpha_pattern first, then alpha)."""
+        return _first_match(self.alpha_pattern, path, self.alpha)
+
+    def scale_for(self, path: str) -> float:
+        """The factor in dW = scale * B @ A for the module at `path`."""
+        return lora_scale(self.rank_for(path), self.alpha_for(path), self.rslora)
+
+    def replace(self, **changes) -> "LoraConfig":
+        """A new validated config with some fields changed (configs are never mutated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready fields."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "targets": list(self.targets),
+            "exclude": list(self.exclude),
+            "bias": self.bias,
+            "init": self.init,
+            "rslora": self.rslora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+        }
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pattern_problems(name: str, patterns, valid, expected: str) -> list[str]:
+    if not isinstance(patterns, Mapping):
+        return [f"{name}={patterns!r}: must be a mapping from module pattern to value"]
+    return [
+        f"{name}[{key!r}]={value!r}: must be {expected}"
+        for key, value in patterns.items()
+        if not isinstance(key, str) or not valid(value)
+    ]
+
+
+def _first_match(patterns: Mapping, path: str, default):
+    for pattern, value in patterns.items():
+        if path_matches(path, pattern):
+            return value
+    return default

@@ -1,0 +1,251 @@
+"""LoRA layers: wrappers that hold a frozen base layer and any number of named low-rank adapters.
+
+    y = base(x) + scale * B(A(dropout(x)))        (unmerged; W0 + dW is never formed)
+    y = base(x) with W0 <- W0 + dW                (merged; the base path only)
+
+Each adapter's A and B are separate parameters in `lora_A[name]` / `lora_B[name]`, so adapters
+of different ranks coexist, train independently, and can be stacked per example for
+mixed-adapter batches. Which layer types can be adapted is decided by the table `LAYER_TYPES`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig
+from .lowrank import delta_weight, lowrank_linear
+
+
+class LoraLayer(nn.Module):
+    """Base class: adapter bookkeeping, forward, merge and unmerge. Subclasses give the geometry."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.configs: dict[str, LoraConfig] = {}
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapter: str | None = None
+        # The exact pre-merge weight while merged: unmerge restores it bit for bit.
+        self.register_buffer("base_backup", None, persistent=False)
+
+    # --- geometry, given by subclasses -------------------------------------------------------
+    groups = 1
+    takes_dropout = True  # False where the input is not a float tensor (embedding indices)
+
+    @classmethod
+    def adapter_shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for an adapter of this rank on `base`."""
+        raise NotImplementedError(f"{cls.__name__} must define adapter_shapes")
+
+    def lowrank(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """scale * B(A(x)) for this layer type, without forming B @ A."""
+        raise NotImplementedError(f"{type(self).__name__} must define lowrank")
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """(d_out, fan_in*k) float32 update -> the base weight's own layout."""
+        return delta.reshape(self.base_layer.weight.shape)
+
+    # --- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str, config: LoraConfig) -> None:
+        """Create adapter `name` with the rank/alpha/dropout/init `config` gives for `path`."""
+        rank = config.rank_for(path)
+        shape_a, shape_b = self.adapter_shapes(self.base_layer, rank)
+        device = self.base_layer.weight.device
+        A = torch.empty(shape_a, device=device, dtype=torch.float32)
+        B = torch.zeros(shape_b, device=device, dtype=torch.float32)
+        self.init_A(A, config.init, rank)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        use_dropout = config.dropout > 0 and self.takes_dropout
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
+        self.scaling[name] = config.scale_for(path)
+        self.configs[name] = config
+
+    def init_A(self, A: torch.Tensor, init: str, rank: int) -> None:
+        """Random A (B is zero, so a fresh adapter is a no-op)."""
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / rank)
+        else:  # "default": what nn.Linear does for its own weight
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+
+    def remove_adapter(self, name: str) -> None:
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        del self.scaling[name], self.configs[name]
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].shape[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """dW of adapter `name` in float32, in the base weight's layout."""
+        delta = delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], self.groups)
+        return self.to_weight_layout(delta)
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if self.disabled or self.merged_adapter is not None or name not in self.lora_A:
+            return result
+        update = self.lowrank(self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name], self.scaling[name])
+        return result + update.to(result.dtype)
+
+    # --- merge ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W0 <- round(W0 + dW), dW summed in float32 and rounded once; W0 kept for unmerge."""
+        weight = self.base_layer.weight
+        self.base_backup = weight.detach().clone()
+        weight.copy_((weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype))
+        self.merged_adapter = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put back the exact pre-merge weight."""
+        self.base_layer.weight.copy_(self.base_backup)
+        self.base_backup = None
+        self.merged_adapter = None
+
+    @torch.no_grad()
+    def fold(self, name: str | None) -> nn.Module:
+        """The base layer with adapter `name` merged in for good (None: as it is now)."""
+        if self.merged_adapter is not None:
+            self.base_backup = None
+            self.merged_adapter = None
+        elif name is not None and name in self.lora_A:
+            weight = self.base_layer.weight
+            weight.copy_((weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype))
+        return self.base_layer
+
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter."""
+        return self.base_backup if self.merged_adapter is not None else self.base_layer.weight
+
+    def __getattr__(self, name: str):
+        # Let code that reads e.g. `layer.weight` or `layer.in_features` see the base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
+        return f"adapters=({ranks}), active={self.active_adapter!r}, merged={self.merged_adapter!r}"
+
+
+class LoraLinear(LoraLayer):
+    """nn.Linear, weight (d_out, d_in): A (r, d_in), B (d_out, r)."""
+
+    @classmethod
+    def adapter_shapes(cls, base, rank):
+        return (rank, base.in_features), (base.out_features, rank)
+
+    def lowrank(self, x, A, B, scale):
+        return lowrank_linear(x, A, B, scale)
+
+
+class LoraConv1D(LoraLayer):
+    """transformers' Conv1D (GPT-2), weight stored fan-in x fan-out: dW is transposed on merge."""
+
+    @classmethod
+    def adapter_shapes(cls, base, rank):
+        d_in, d_out = base.weight.shape
+        return (rank, d_in), (d_out, rank)
+
+    def lowrank(self, x, A, B, scale):
+        return lowrank_linear(x, A, B, scale)
+
+    def to_weight_layout(self, delta):
+        return delta.t()
+
+
+class LoraEmbedding(LoraLayer):
+    """nn.Embedding, weight (num_embeddings, dim): A (r, num_embeddings), B (dim, r). No dropout."""
+
+    takes_dropout = False
+
+    @classmethod
+    def adapter_shapes(cls, base, rank):
+        return (rank, base.num_embeddings), (base.embedding_dim, rank)
+
+    def init_A(self, A, init, rank):
+        # A is a lookup table here, not a projection: unit-variance rows (gaussian: 1/r).
+        nn.init.normal_(A, std=1.0 / rank if init == "gaussian" else 1.0)
+
+    def lowrank(self, x, A, B, scale):
+        return (F.embedding(x, A.t()) * scale) @ B.t()
+
+    def to_weight_layout(self, delta):
+        return delta.t()
+
+
+class LoraConv(LoraLayer):
+    """nn.Conv1d/2d/3d: A is a conv like the base (r out-channels), B a 1x1 conv; both grouped
+    like the base, so dW is block-diagonal per group and merges exactly. rank % groups == 0."""
+
+    @property
+    def groups(self):
+        return self.base_layer.groups
+
+    @classmethod
+    def adapter_shapes(cls, base, rank):
+        conv = base
+        ones = (1,) * len(conv.kernel_size)
+        return (rank, conv.in_channels // conv.groups, *conv.kernel_size), (conv.out_channels, rank // conv.groups, *ones)
+
+    def lowrank(self, x, A, B, scale):
+        conv = self.base_layer
+        hidden = conv._conv_forward(x.to(A.dtype), A, None)  # same stride/padding/dilation/groups
+        pointwise = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(conv.kernel_size)]
+        return pointwise(hidden * scale, B, groups=conv.groups)
+
+
+def _layer_types() -> dict[type, type[LoraLayer]]:
+    table: dict[type, type[LoraLayer]] = {
+        nn.Linear: LoraLinear,
+        nn.Embedding: LoraEmbedding,
+        nn.Conv1d: LoraConv,
+        nn.Conv2d: LoraConv,
+        nn.Conv3d: LoraConv,
+    }
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain PyTorch models
+        pass
+    else:
+        table[Conv1D] = LoraConv1D
+    return table
+
+
+LAYER_TYPES = _layer_types()
+
+
+def layer_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA wrapper for this module's type (subclasses included), or None if unsupported."""
+    for cls in type(module).__mro__:
+        if cls in LAYER_TYPES:
+            return LAYER_TYPES[cls]
+    return None
+
+
+def supported_type_names() -> str:
+    return ", ".join(sorted({cls.__name__ for cls in LAYER_TYPES}))
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(path, layer) for every LoRA layer in the model, in module order."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module

@@ -1,0 +1,33 @@
+"""The LoRA arithmetic: scale, the update dW = scale * B @ A, and the unmerged low-rank path.
+
+Every other module (layers, merge, export, analysis) calls these functions; nothing else
+multiplies B by A.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
+    """alpha / rank, or alpha / sqrt(rank) for rank-stabilised LoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, groups: int = 1) -> torch.Tensor:
+    """dW = scale * B @ A in float32, one block per group.
+
+    A: (r, fan_in, *kernel) with fan_in = in_features / groups; B: (d_out, r / groups, *ones).
+    Returns (d_out, fan_in * prod(kernel)) in float32; callers reshape it to their weight layout.
+    Groups make the update block-diagonal, so a grouped convolution can be merged exactly.
+    """
+    rank, d_out = A.shape[0], B.shape[0]
+    a = A.float().reshape(groups, rank // groups, -1)  # (g, r/g, fan_in*k)
+    b = B.float().reshape(groups, d_out // groups, rank // groups)  # (g, out/g, r/g)
+    return (scale * torch.bmm(b, a)).reshape(d_out, -1)
+
+
+def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (x @ A.T) @ B.T without forming B @ A. x: (..., d_in) -> (..., d_out)."""
+    return ((x.to(A.dtype) @ A.t()) * scale) @ B.t()

@@ -1,0 +1,50 @@
+"""Merging: fold an adapter into the base weights and take it out again, losslessly."""
+from __future__ import annotations
+
+from torch import nn
+
+from .adapters import adapters, merged_adapter
+from .errors import LoraError
+from .inject import active_adapter
+from .layers import lora_layers
+
+
+def merge_(model: nn.Module, adapter: str | None = None) -> None:
+    """W0 <- W0 + dW for `adapter` (default: the active one) in every layer that has it.
+
+    dW is summed in float32 and rounded once into the base dtype; the exact W0 is kept so that
+    unmerge_ restores it bit for bit. Idempotent; while merged the forward runs the base path only.
+    """
+    adapter = active_adapter(model) if adapter is None else adapter
+    if adapter is None:
+        raise LoraError("adapter=None: no adapter is active; name one: lk.merge_(model, 'default')")
+    if adapter not in adapters(model):
+        raise LoraError(f"adapter={adapter!r} is not in this model; its adapters are {adapters(model)!r}")
+    current = merged_adapter(model)
+    if current == adapter:
+        return
+    if current is not None:
+        raise LoraError(f"adapter={adapter!r}: {current!r} is already merged; call lk.unmerge_(model) first")
+    for _, layer in lora_layers(model):
+        layer.active_adapter = adapter
+        if adapter in layer.lora_A:
+            layer.merge(adapter)
+
+
+def unmerge_(model: nn.Module) -> None:
+    """Restore the exact pre-merge base weights. A no-op if nothing is merged."""
+    for _, layer in lora_layers(model):
+        if layer.merged_adapter is not None:
+            layer.unmerge()
+
+
+def unload_(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every LoRA layer by its plain base layer; with merge=True the active adapter is
+    folded into the weights first (a merged adapter stays merged). Returns the model."""
+    adapter = merged_adapter(model) or active_adapter(model)
+    if not merge:
+        unmerge_(model)
+    for path, layer in list(lora_layers(model)):
+        base = layer.fold(adapter if merge else None)
+        model.set_submodule(path, base)
+    return model
