@@ -14,10 +14,11 @@ from .layers import lora_layers
 
 def adapters(model: nn.Module) -> list[str]:
     """Names of the adapters in the model, in the order they were added."""
-    names: dict[str, None] = {}
+    created: dict[str, int] = {}  # not module order: a layer may lack earlier adapters
     for _, layer in lora_layers(model):
-        names.update(dict.fromkeys(layer.lora_A))
-    return list(names)
+        for name in layer.lora_A:
+            created.setdefault(name, layer.created[name])  # one inject_ adds it to every layer at once
+    return sorted(created, key=created.__getitem__)
 
 
 def adapter_config(model: nn.Module, adapter: str) -> LoraConfig:

@@ -101,6 +101,10 @@ class LoraConfig:
         """A new validated config with some fields changed (configs are never mutated)."""
         return dataclasses.replace(self, **changes)
 
+    def __reduce__(self):
+        # MappingProxyType cannot be pickled or deep-copied (nor, then, a model holding a config).
+        return (_from_fields, (self.to_dict(),))
+
     def to_dict(self) -> dict:
         """Plain JSON-ready fields."""
         return {
@@ -115,6 +119,10 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
         }
+
+
+def _from_fields(fields: dict) -> LoraConfig:
+    return LoraConfig(**fields)
 
 
 def _is_int(v) -> bool:

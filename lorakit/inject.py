@@ -51,11 +51,13 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules `config` adapts; every problem found is reported in one LoraError."""
     modules = candidate_modules(model)
     head = output_head(model)
+    unwrappable = _read_by_weight(modules)
     problems: list[str] = []
     chosen: dict[str, nn.Module] = {}
     for target in config.targets:
         if target == ALL_LINEAR:
-            hits = [(p, m) for p, m in modules if is_linear(base_of(m)) and base_of(m) is not head]
+            hits = [(p, m) for p, m in modules
+                    if is_linear(base_of(m)) and base_of(m) is not head and p not in unwrappable]
         else:
             hits = [(p, m) for p, m in modules if path_matches(p, target)]
         if not hits:
@@ -64,12 +66,22 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     chosen = {p: m for p, m in chosen.items() if not any(path_matches(p, ex) for ex in config.exclude)}
     for path, module in chosen.items():
         problems += _module_problems(path, base_of(module), config)
+        if path in unwrappable:
+            problems.append(f"targets: {path!r} belongs to an nn.MultiheadAttention, which reads its weight "
+                            "directly instead of calling it, so an adapter there would do nothing; exclude it")
     if problems:
         raise problems_error("targets", problems)
     if not chosen:
         raise LoraError(f"targets={list(config.targets)!r} with exclude={list(config.exclude)!r} leaves no module to adapt; "
                         "narrow `exclude`")
-    return list(chosen)
+    order = {path: i for i, (path, _) in enumerate(modules)}
+    return sorted(chosen, key=order.__getitem__)  # module order, whatever the target order
+
+
+def _read_by_weight(modules: list[tuple[str, nn.Module]]) -> set[str]:
+    """Paths of layers whose parent uses their .weight without calling them (MultiheadAttention)."""
+    parents = {p for p, m in modules if isinstance(base_of(m), nn.MultiheadAttention)}
+    return {p for p, _ in modules if p.rpartition(".")[0] in parents}
 
 
 def is_linear(module: nn.Module) -> bool:

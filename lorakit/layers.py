@@ -9,6 +9,7 @@ mixed-adapter batches. Which layer types can be adapted is decided by the table 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterator
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .lowrank import delta_weight, lowrank_linear
+
+_CREATION = itertools.count()  # a process-wide clock: adapters are listed in the order they were added
 
 
 class LoraLayer(nn.Module):
@@ -31,11 +34,13 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.configs: dict[str, LoraConfig] = {}
+        self.created: dict[str, int] = {}  # adapter -> tick of _CREATION when it was added
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
         # The exact pre-merge weight while merged: unmerge restores it bit for bit.
         self.register_buffer("base_backup", None, persistent=False)
+        self.train(base_layer.training)
 
     # --- geometry, given by subclasses -------------------------------------------------------
     groups = 1
@@ -66,9 +71,11 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         use_dropout = config.dropout > 0 and self.takes_dropout
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
+        dropout = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
+        self.lora_dropout[name] = dropout.train(self.base_layer.training)  # eval model stays eval
         self.scaling[name] = config.scale_for(path)
         self.configs[name] = config
+        self.created[name] = next(_CREATION)
 
     def init_A(self, A: torch.Tensor, init: str, rank: int) -> None:
         """Random A (B is zero, so a fresh adapter is a no-op)."""
@@ -80,13 +87,13 @@ class LoraLayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
-        del self.scaling[name], self.configs[name]
+        del self.scaling[name], self.configs[name], self.created[name]
 
     def rank(self, name: str) -> int:
         return self.lora_A[name].shape[0]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """dW of adapter `name` in float32, in the base weight's layout."""
+        """dW of adapter `name` in float32 (float64 for float64 factors), in the base weight's layout."""
         delta = delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], self.groups)
         return self.to_weight_layout(delta)
 
@@ -105,7 +112,7 @@ class LoraLayer(nn.Module):
         """W0 <- round(W0 + dW), dW summed in float32 and rounded once; W0 kept for unmerge."""
         weight = self.base_layer.weight
         self.base_backup = weight.detach().clone()
-        weight.copy_((weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype))
+        weight.copy_(self.merged_weight(name))
         self.merged_adapter = name
 
     @torch.no_grad()
@@ -122,9 +129,14 @@ class LoraLayer(nn.Module):
             self.base_backup = None
             self.merged_adapter = None
         elif name is not None and name in self.lora_A:
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype))
+            self.base_layer.weight.copy_(self.merged_weight(name))
         return self.base_layer
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """round(W0 + dW): summed in float32 (float64 for a float64 weight), rounded once to W0's dtype."""
+        weight, delta = self.base_layer.weight, self.delta_weight(name).to(self.base_layer.weight.device)
+        acc = torch.promote_types(weight.dtype, delta.dtype)
+        return (weight.to(acc) + delta.to(acc)).to(weight.dtype)
 
     @property
     def original_weight(self) -> torch.Tensor:

@@ -19,12 +19,14 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, groups: int = 1
     """dW = scale * B @ A in float32, one block per group.
 
     A: (r, fan_in, *kernel) with fan_in = in_features / groups; B: (d_out, r / groups, *ones).
-    Returns (d_out, fan_in * prod(kernel)) in float32; callers reshape it to their weight layout.
+    Returns (d_out, fan_in * prod(kernel)) in float32 (float64 if a factor is float64); callers
+    reshape it to their weight layout.
     Groups make the update block-diagonal, so a grouped convolution can be merged exactly.
     """
     rank, d_out = A.shape[0], B.shape[0]
-    a = A.float().reshape(groups, rank // groups, -1)  # (g, r/g, fan_in*k)
-    b = B.float().reshape(groups, d_out // groups, rank // groups)  # (g, out/g, r/g)
+    acc = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)  # never below float32
+    a = A.to(acc).reshape(groups, rank // groups, -1)  # (g, r/g, fan_in*k)
+    b = B.to(acc).reshape(groups, d_out // groups, rank // groups)  # (g, out/g, r/g)
     return (scale * torch.bmm(b, a)).reshape(d_out, -1)
 
 

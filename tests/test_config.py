@@ -1,0 +1,156 @@
+"""lorakit.config: LoraConfig validation, immutability, per-module rank/alpha, target matching."""
+import copy
+import dataclasses
+import json
+import math
+import pickle
+
+import pytest
+
+import lorakit as lk
+from lorakit.config import path_matches
+
+# One bad value per field; each must be named (field and value) in the error.
+BAD_FIELDS = {
+    "rank": [0, -3, 2.5, True, "8"],
+    "alpha": [0, -1.0, float("nan"), float("inf"), False, "16"],
+    "dropout": [-0.1, 1.0, 1.5, float("nan"), "0.1"],
+    "targets": [(), ("",), ("q_proj", 3), None, {"q_proj"}],
+    "exclude": [("",), (None,)],
+    "bias": ["some", "", None],
+    "init": ["xavier", None],
+    "rslora": ["yes", 1, None],
+    "rank_pattern": [{"q_proj": 0}, {"q_proj": 1.5}, {3: 4}, ["q_proj"]],
+    "alpha_pattern": [{"v_proj": -2}, {"v_proj": "x"}, ["v_proj"]],
+}
+
+
+@pytest.mark.parametrize("field, value", [(f, v) for f, values in BAD_FIELDS.items() for v in values])
+def test_each_bad_field_is_named_with_its_value(field, value):
+    with pytest.raises(lk.LoraError) as info:
+        lk.LoraConfig(**{field: value})
+    message = str(info.value)
+    assert f"1 problem(s)\n  - {field}" in message
+    assert _shown(value) in message
+
+
+def _shown(value) -> str:
+    """How the error shows a bad value: a pattern mapping shows its bad entry."""
+    if isinstance(value, dict):
+        key, bad = next(iter(value.items()))
+        return f"[{key!r}]={bad!r}"
+    return repr(value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_all_problems_are_reported_together():
+    bad = {"rank": 0, "alpha": -1.0, "dropout": 1.0, "targets": (), "exclude": ("",), "bias": "some",
+           "init": "xavier", "rslora": "yes", "rank_pattern": {"q": 0}, "alpha_pattern": {"q": "x"}}
+    with pytest.raises(lk.LoraError) as info:
+        lk.LoraConfig(**bad)
+    message = str(info.value)
+    assert f"{len(bad)} problem(s)" in message
+    lines = [line for line in message.splitlines() if line.startswith("  - ")]
+    assert len(lines) == len(bad)
+    for field, line in zip(bad, lines):
+        assert line.startswith(f"  - {field}")
+
+
+def test_defaults_are_valid_and_documented_values():
+    cfg = lk.LoraConfig()
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.bias, cfg.init, cfg.rslora) == (8, 16.0, 0.0, "none", "default", False)
+    assert cfg.targets == ("q_proj", "v_proj") and cfg.exclude == ()
+
+
+@pytest.mark.parametrize("good", [
+    {"rank": 1}, {"alpha": 0.5}, {"alpha": 3}, {"dropout": 0.0}, {"dropout": 0.999}, {"bias": "all"},
+    {"bias": "lora_only"}, {"init": "gaussian"}, {"rslora": True}, {"targets": "all-linear"},
+    {"targets": ["a", "b.*"]}, {"exclude": "lm_head"}, {"rank_pattern": {"a": 2}, "alpha_pattern": {"b": 0.5}},
+])
+def test_good_values_are_accepted(good):
+    lk.LoraConfig(**good)
+
+
+def test_sequences_and_strings_are_normalised_to_tuples():
+    cfg = lk.LoraConfig(targets=["q_proj", "k_proj"], exclude="layers.0.q_proj")
+    assert cfg.targets == ("q_proj", "k_proj") and cfg.exclude == ("layers.0.q_proj",)
+    assert lk.LoraConfig(targets="all-linear").targets == ("all-linear",)
+
+
+def test_config_is_frozen():
+    cfg = lk.LoraConfig(rank_pattern={"q_proj": 4})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rank = 4
+    with pytest.raises(TypeError):
+        cfg.rank_pattern["k_proj"] = 2
+    with pytest.raises(TypeError):
+        cfg.alpha_pattern["k_proj"] = 2.0
+
+
+def test_config_does_not_alias_the_callers_containers():
+    targets, patterns = ["q_proj"], {"q_proj": 4}
+    cfg = lk.LoraConfig(targets=targets, rank_pattern=patterns)
+    targets.append("k_proj")
+    patterns["q_proj"] = 0
+    assert cfg.targets == ("q_proj",) and cfg.rank_for("q_proj") == 4
+
+
+def test_replace_returns_a_new_validated_config():
+    cfg = lk.LoraConfig(rank=4)
+    new = cfg.replace(rank=16, alpha=8)
+    assert (new.rank, new.alpha, cfg.rank, cfg.alpha) == (16, 8, 4, 16.0)
+    with pytest.raises(lk.LoraError, match=r"rank=-1"):
+        cfg.replace(rank=-1)
+
+
+def test_to_dict_is_json_and_round_trips():
+    cfg = lk.LoraConfig(rank=4, alpha=8, targets=("a", "b"), exclude=("c",), bias="all", rslora=True,
+                        rank_pattern={"a": 2}, alpha_pattern={"b": 1.0})
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert lk.LoraConfig(**data) == cfg
+
+
+@pytest.mark.parametrize("path, pattern, expected", [
+    ("q_proj", "q_proj", True),                              # equal
+    ("model.layers.0.self_attn.q_proj", "q_proj", True),      # '.'-suffix
+    ("model.layers.0.self_attn.q_proj", "self_attn.q_proj", True),
+    ("model.layers.0.self_attn.xq_proj", "q_proj", False),    # suffix only at a dot
+    ("model.layers.0.self_attn.q_proj", "layers.0", False),   # a parent path is not a match
+    ("model.layers.0.self_attn.q_proj", "model.layers.*.q_proj", True),  # glob
+    ("model.layers.0.self_attn.q_proj", "*.q_proj", True),
+    ("model.layers.0.self_attn.q_proj", "layers.*.q_proj", False),  # a glob matches the whole path
+    ("model.layers.0.self_attn.q_proj", "model.layers.[01].*", True),
+    ("model.layers.2.self_attn.q_proj", "model.layers.[01].*", False),
+    ("model.layers.0.self_attn.Q_PROJ", "q_proj", False),     # case-sensitive
+    ("model.layers.0.self_attn.q_proj", "*.Q_proj", False),
+])
+def test_path_matches(path, pattern, expected):
+    assert path_matches(path, pattern) is expected
+
+
+def test_rank_and_alpha_patterns_resolve_per_module_first_match_wins():
+    cfg = lk.LoraConfig(rank=8, alpha=16, rank_pattern={"layers.0.self_attn.q_proj": 2, "*.q_proj": 4, "v_proj": 6},
+                        alpha_pattern={"*.layers.1.*": 3.0, "v_proj": 12.0})
+    assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 2   # suffix, listed first
+    assert cfg.rank_for("model.layers.1.self_attn.q_proj") == 4   # glob
+    assert cfg.rank_for("model.layers.1.self_attn.v_proj") == 6
+    assert cfg.rank_for("model.layers.1.self_attn.k_proj") == 8   # no pattern: default
+    assert cfg.alpha_for("model.layers.1.self_attn.v_proj") == 3.0  # first match wins over 'v_proj'
+    assert cfg.alpha_for("model.layers.0.self_attn.v_proj") == 12.0
+    assert cfg.alpha_for("model.layers.0.self_attn.k_proj") == 16
+    assert cfg.scale_for("model.layers.0.self_attn.v_proj") == 12.0 / 6
+    assert cfg.scale_for("model.layers.0.self_attn.k_proj") == 16 / 8
+
+
+def test_scale_for_uses_rslora():
+    cfg = lk.LoraConfig(rank=16, alpha=8, rslora=True, rank_pattern={"q_proj": 4})
+    assert cfg.scale_for("k_proj") == pytest.approx(8 / math.sqrt(16), rel=1e-15)
+    assert cfg.scale_for("a.q_proj") == pytest.approx(8 / math.sqrt(4), rel=1e-15)
+
+
+def test_config_pickles_and_copies():
+    cfg = lk.LoraConfig(rank=4, targets=("a",), rank_pattern={"a": 2}, alpha_pattern={"b": 1.0})
+    for clone in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg), copy.copy(cfg)):
+        assert clone == cfg and clone.rank_for("x.a") == 2
+        with pytest.raises(TypeError):
+            clone.rank_pattern["c"] = 1
