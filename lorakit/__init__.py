@@ -8,10 +8,12 @@ from .layers import LoraLayer, lora_layers
 from .lowrank import delta_weight, lora_scale
 from .merge import merge_, unload_, unmerge_
 from .params import parameter_counts
+from .zoo import BUNDLED, load_bundled, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUNDLED",
     "LoraConfig",
     "LoraError",
     "LoraLayer",
@@ -23,6 +25,8 @@ __all__ = [
     "delta_weight",
     "disabled",
     "inject_",
+    "load_bundled",
+    "load_model",
     "load_adapter",
     "lora_layers",
     "lora_scale",

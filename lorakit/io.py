@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -140,16 +140,22 @@ def _bias_params(model: nn.Module, bias: str, paths: list[str]) -> dict[str, nn.
 
 
 def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600; give the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- base fingerprint ---------------------------------------------------------------------------------

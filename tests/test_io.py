@@ -269,3 +269,11 @@ def test_save_unknown_adapter(tmp_path):
     with pytest.raises(lk.LoraError, match="adapter='nope' is not in this model"):
         lk.save_adapter(trained(), tmp_path / "x", adapter="nope")
     assert not (tmp_path / "x").exists()
+
+
+def test_saved_files_follow_the_umask(saved):
+    _, directory = saved
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
