@@ -2,11 +2,12 @@
 from .adapters import adapter_config, adapter_paths, adapters, delete_adapter, disabled, merged_adapter, set_active, use
 from .config import LoraConfig
 from .errors import LoraError
-from .inject import active_adapter, inject_, resolve_targets
-from .io import load_adapter, save_adapter
+from .inject import active_adapter, inject_, resolve_modules_to_save, resolve_targets
+from .io import adapter_info, load_adapter, save_adapter
 from .layers import LoraLayer, lora_layers
 from .lowrank import delta_weight, lora_scale
 from .merge import merge_, unload_, unmerge_
+from .modules_to_save import ModuleToSave, saved_modules
 from .params import parameter_counts
 from .zoo import BUNDLED, load_bundled, load_model
 
@@ -17,8 +18,10 @@ __all__ = [
     "LoraConfig",
     "LoraError",
     "LoraLayer",
+    "ModuleToSave",
     "active_adapter",
     "adapter_config",
+    "adapter_info",
     "adapter_paths",
     "adapters",
     "delete_adapter",
@@ -33,8 +36,10 @@ __all__ = [
     "merge_",
     "merged_adapter",
     "parameter_counts",
+    "resolve_modules_to_save",
     "resolve_targets",
     "save_adapter",
+    "saved_modules",
     "set_active",
     "unload_",
     "unmerge_",

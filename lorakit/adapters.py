@@ -1,4 +1,8 @@
-"""Named adapters on one model: listing, switching, temporary switches, disabling, deleting."""
+"""Named adapters on one model: listing, switching, temporary switches, disabling, deleting.
+
+Switching and disabling reach every module that follows the active adapter: LoRA layers and
+modules to save (each adapter's full copy).
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -10,6 +14,7 @@ from .config import LoraConfig
 from .errors import LoraError
 from .inject import active_adapter
 from .layers import lora_layers
+from .modules_to_save import saved_modules
 
 
 def adapters(model: nn.Module) -> list[str]:
@@ -42,16 +47,22 @@ def merged_adapter(model: nn.Module) -> str | None:
     return None
 
 
+def _switchable(model: nn.Module) -> list[nn.Module]:
+    """Every module that follows the active adapter: LoRA layers, then modules to save."""
+    return [layer for _, layer in lora_layers(model)] + [wrapper for _, wrapper in saved_modules(model)]
+
+
 def set_active(model: nn.Module, adapter: str | None) -> None:
-    """Make `adapter` the one LoRA layers apply (None: none). Swaps a name, copies no weights."""
+    """Make `adapter` the one LoRA layers and modules to save apply (None: none). Swaps a name,
+    copies no weights."""
     if adapter is not None and adapter not in adapters(model):
         raise _unknown(model, adapter)
     merged = merged_adapter(model)
     if merged is not None and merged != adapter:
         raise LoraError(f"adapter={adapter!r}: the model has {merged!r} merged into its weights; "
                         "call lk.unmerge_(model) before switching adapters")
-    for _, layer in lora_layers(model):
-        layer.active_adapter = adapter
+    for module in _switchable(model):
+        module.active_adapter = adapter
 
 
 @contextmanager
@@ -67,13 +78,14 @@ def use(model: nn.Module, adapter: str | None) -> Iterator[nn.Module]:
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: adapters are skipped, and a merged adapter is taken out meanwhile."""
+    """Run the base model: adapters are skipped (modules to save run their original), and a
+    merged adapter is taken out meanwhile."""
     from .merge import merge_, unmerge_  # merge builds on this module
 
     merged = merged_adapter(model)
     if merged is not None:
         unmerge_(model)
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = _switchable(model)
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -87,7 +99,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
-    """Remove adapter `adapter`; layers left with no adapter become their plain base layer again.
+    """Remove adapter `adapter`; layers (and modules to save) left with no adapter become their
+    plain base layer (original module) again.
 
     If it was active, no adapter is active afterwards (the model behaves as the base).
     """
@@ -102,6 +115,13 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             layer.active_adapter = None
         if not layer.lora_A:
             model.set_submodule(path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        if adapter in wrapper.copies:
+            wrapper.remove_copy(adapter)
+        if wrapper.active_adapter == adapter:
+            wrapper.active_adapter = None
+        if not wrapper.copies:
+            model.set_submodule(path, wrapper.original_module)
 
 
 def _unknown(model: nn.Module, adapter) -> LoraError:

@@ -26,7 +26,8 @@ class LoraConfig:
     """A LoRA adapter's hyper-parameters: dW = (alpha / rank) * B @ A on every targeted module.
 
     rank_pattern / alpha_pattern map a target-style pattern to a per-module rank / alpha;
-    the first matching pattern wins.
+    the first matching pattern wins. modules_to_save (target-style patterns) names modules that
+    are trained in full, one copy per adapter, and saved with it (e.g. a new classifier head).
     """
 
     rank: int = 8
@@ -39,14 +40,16 @@ class LoraConfig:
     rslora: bool = False
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise containers so the frozen config is hashable-ish and cannot be mutated.
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        for name in ("targets", "exclude"):
+        for name in ("exclude", "modules_to_save"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
+        for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
@@ -75,6 +78,11 @@ class LoraConfig:
             )
         if not isinstance(self.exclude, tuple) or not all(isinstance(t, str) and t for t in self.exclude):
             p.append(f"exclude={self.exclude!r}: must be a sequence of module names or globs")
+        if not isinstance(self.modules_to_save, tuple) or not all(
+            isinstance(t, str) and t and t != ALL_LINEAR for t in self.modules_to_save
+        ):
+            p.append(f"modules_to_save={self.modules_to_save!r}: must be a sequence of module names or globs "
+                     "(not 'all-linear'), e.g. modules_to_save=('classifier',)")
         if self.bias not in BIAS_MODES:
             p.append(f"bias={self.bias!r}: must be one of {', '.join(map(repr, BIAS_MODES))}")
         if self.init not in INIT_MODES:
@@ -118,6 +126,7 @@ class LoraConfig:
             "rslora": self.rslora,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": list(self.modules_to_save),
         }
 
 

@@ -1,4 +1,4 @@
-"""Targeting and injection: which modules a config adapts, and wrapping them in LoRA layers."""
+"""Targeting and injection: which modules a config adapts or saves, and wrapping them."""
 from __future__ import annotations
 
 import difflib
@@ -9,6 +9,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig, path_matches
 from .errors import LoraError, problems_error
 from .layers import LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, lora_layers, supported_type_names
+from .modules_to_save import CONTAINERS, ModuleToSave, saved_modules
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -22,12 +23,13 @@ def check_adapter_name(adapter) -> None:
 
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every module a target may name, with LoRA layers standing in for their base layers."""
+    """Every module a target may name, with LoRA layers and modules to save standing in for the
+    module they wrap."""
     found, inside_lora = [], []
     for path, module in model.named_modules():
         if any(path.startswith(prefix + ".") for prefix in inside_lora):
             continue
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, ModuleToSave)):
             inside_lora.append(path)
         if path:
             found.append((path, module))
@@ -35,6 +37,8 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def base_of(module: nn.Module) -> nn.Module:
+    if isinstance(module, ModuleToSave):
+        return module.original_module
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
@@ -48,16 +52,29 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Paths of the modules `config` adapts; every problem found is reported in one LoraError."""
+    """Paths of the modules `config` adapts; every problem found (in modules_to_save too) is
+    reported in one LoraError."""
+    return _resolve(model, config)[0]
+
+
+def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules `config` trains in full, one copy per adapter (problems as resolve_targets)."""
+    return _resolve(model, config)[1]
+
+
+def _resolve(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
+    """(LoRA target paths, module-to-save paths), both in module order."""
     modules = candidate_modules(model)
     head = output_head(model)
     unwrappable = _read_by_weight(modules)
+    saved, saved_problems = _resolve_saved(modules, config)
+    whole = set(saved) | {p for p, m in modules if isinstance(m, ModuleToSave)}  # trained in full, never LoRA
     problems: list[str] = []
     chosen: dict[str, nn.Module] = {}
     for target in config.targets:
         if target == ALL_LINEAR:
-            hits = [(p, m) for p, m in modules
-                    if is_linear(base_of(m)) and base_of(m) is not head and p not in unwrappable]
+            hits = [(p, m) for p, m in modules if is_linear(base_of(m)) and base_of(m) is not head
+                    and p not in unwrappable and p not in whole]
         else:
             hits = [(p, m) for p, m in modules if path_matches(p, target)]
         if not hits:
@@ -69,13 +86,57 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if path in unwrappable:
             problems.append(f"targets: {path!r} belongs to an nn.MultiheadAttention, which reads its weight "
                             "directly instead of calling it, so an adapter there would do nothing; exclude it")
-    if problems:
-        raise problems_error("targets", problems)
+    saved_problems += _overlap_problems(modules, list(chosen), saved)
+    if problems or saved_problems:
+        raise problems_error("targets and modules_to_save" if saved_problems else "targets", problems + saved_problems)
     if not chosen:
         raise LoraError(f"targets={list(config.targets)!r} with exclude={list(config.exclude)!r} leaves no module to adapt; "
                         "narrow `exclude`")
     order = {path: i for i, (path, _) in enumerate(modules)}
-    return sorted(chosen, key=order.__getitem__)  # module order, whatever the target order
+    return sorted(chosen, key=order.__getitem__), saved  # module order, whatever the target order
+
+
+def _resolve_saved(modules: list[tuple[str, nn.Module]], config: LoraConfig) -> tuple[list[str], list[str]]:
+    """(paths config.modules_to_save names, in module order; the problems found)."""
+    problems: list[str] = []
+    hits: set[str] = set()
+    for pattern in config.modules_to_save:
+        matched = {p for p, _ in modules if path_matches(p, pattern)}
+        if not matched:
+            problems.append(_no_match(pattern, modules, "modules_to_save"))
+        hits |= matched
+    chosen = [(p, m) for p, m in modules if p in hits]
+    for path, module in chosen:
+        if isinstance(module, CONTAINERS):
+            problems.append(f"modules_to_save: {path!r} is a {type(module).__name__}, which has no forward "
+                            "of its own to call; name the modules inside it")
+        outer = [p for p in hits if path.startswith(p + ".")]
+        if outer:
+            problems.append(f"modules_to_save: {path!r} lies inside {outer[0]!r}, also a module to save; "
+                            "name only one of them")
+    return [p for p, _ in chosen], problems
+
+
+def _overlap_problems(modules: list[tuple[str, nn.Module]], adapted: list[str], saved: list[str]) -> list[str]:
+    """A module is either adapted with LoRA or trained in full, and never lies inside one of the other kind."""
+    def nested(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    problems = [
+        f"modules_to_save: {s!r} {'is' if a == s else 'overlaps'} the LoRA target {a!r}; a module is either "
+        f"adapted with LoRA or trained in full: add {a!r} to exclude or drop it from modules_to_save"
+        for s in saved for a in adapted if nested(a, s)
+    ]
+    for path, module in modules:
+        if isinstance(module, LoraLayer):
+            problems += [f"modules_to_save: {s!r} overlaps {path!r}, which has LoRA adapter(s) "
+                         f"{list(module.lora_A)}; drop it from modules_to_save" for s in saved if nested(path, s)]
+        if isinstance(module, ModuleToSave):
+            problems += [f"targets: {a!r} overlaps {path!r}, a module to save of adapter(s) {list(module.copies)}; "
+                         "add it to exclude" for a in adapted if nested(a, path)]
+            problems += [f"modules_to_save: {s!r} contains {path!r}, a module to save of adapter(s) "
+                         f"{list(module.copies)}; name {path!r} itself" for s in saved if path.startswith(s + ".")]
+    return problems
 
 
 def _read_by_weight(modules: list[tuple[str, nn.Module]]) -> set[str]:
@@ -89,11 +150,11 @@ def is_linear(module: nn.Module) -> bool:
     return layer_class_for(module) in (LoraLinear, LoraConv1D)
 
 
-def _no_match(target: str, modules: list[tuple[str, nn.Module]]) -> str:
+def _no_match(target: str, modules: list[tuple[str, nn.Module]], field: str = "targets") -> str:
     names = sorted({p.rsplit(".", 1)[-1] for p, _ in modules} | {p for p, _ in modules})
     close = difflib.get_close_matches(target, names, n=5, cutoff=0.5)
     hint = f"closest module names: {', '.join(close)}" if close else f"module names include: {', '.join(names[:8])}"
-    return f"targets: {target!r} matches no module; {hint}"
+    return f"{field}: {target!r} matches no module; {hint}"
 
 
 def _module_problems(path: str, module: nn.Module, config: LoraConfig) -> list[str]:
@@ -120,8 +181,9 @@ def active_adapter(model: nn.Module) -> str | None:
 def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> list[str]:
     """Add adapter `adapter` to every module `config` targets and freeze the base.
 
-    Wraps each target in a LoRA layer (or extends the one already there), makes only the new
-    A/B (plus biases per `config.bias`) trainable, and returns the adapted module paths.
+    Wraps each target in a LoRA layer (or extends the one already there) and each module to
+    save in a ModuleToSave holding a copy for this adapter; makes only the new A/B, the copies
+    (plus biases per `config.bias`) trainable, and returns the adapted (LoRA) module paths.
     The first adapter injected becomes active; later ones leave the active adapter as it is.
     """
     if not isinstance(model, nn.Module):
@@ -136,7 +198,7 @@ def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> l
                         f"or remove it first with lk.delete_adapter(model, {adapter!r})")
     if any(layer.merged_adapter for _, layer in lora_layers(model)):
         raise LoraError("model is merged; call lk.unmerge_(model) before injecting another adapter")
-    paths = resolve_targets(model, config)
+    paths, saved = _resolve(model, config)
     active = active_adapter(model) if existing else adapter
     modules = dict(candidate_modules(model))
 
@@ -148,13 +210,21 @@ def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> l
             layer.active_adapter = active
             model.set_submodule(path, layer)
         layer.add_adapter(adapter, path, config)
+    for path in saved:
+        wrapper = modules[path]
+        if not isinstance(wrapper, ModuleToSave):
+            wrapper = ModuleToSave(wrapper)
+            wrapper.active_adapter = active
+            model.set_submodule(path, wrapper)
+        wrapper.add_copy(adapter)
     _unfreeze_biases(model, config, [model.get_submodule(p) for p in paths])
     return paths
 
 
 def _freeze_base(model: nn.Module) -> None:
-    """Freeze every parameter that is not a LoRA A or B."""
+    """Freeze every parameter that is not a LoRA A or B or in an adapter's copy of a module to save."""
     adapter_params = {id(p) for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()}
+    adapter_params |= {id(p) for _, wrapper in saved_modules(model) for p in wrapper.copies.parameters()}
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
@@ -163,8 +233,11 @@ def _freeze_base(model: nn.Module) -> None:
 def _unfreeze_biases(model: nn.Module, config: LoraConfig, layers: list[LoraLayer]) -> None:
     if config.bias == "none":
         return
+    originals = {id(m) for _, wrapper in saved_modules(model) for m in wrapper.original_module.modules()}
     owners = model.modules() if config.bias == "all" else (layer.base_layer for layer in layers)
     for module in owners:
+        if id(module) in originals:
+            continue  # a module to save trains through its copies; the original stays frozen
         for name, p in module.named_parameters(recurse=False):
             if name == "bias":
                 p.requires_grad_(True)

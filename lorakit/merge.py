@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import adapters, merged_adapter
+from .adapters import adapters, merged_adapter, set_active
 from .errors import LoraError
 from .inject import active_adapter
 from .layers import lora_layers
+from .modules_to_save import saved_modules
 
 
 def merge_(model: nn.Module, adapter: str | None = None) -> None:
@@ -14,6 +15,7 @@ def merge_(model: nn.Module, adapter: str | None = None) -> None:
 
     dW is summed in float32 and rounded once into the base dtype; the exact W0 is kept so that
     unmerge_ restores it bit for bit. Idempotent; while merged the forward runs the base path only.
+    Modules to save are full copies, not low-rank: they are left as they are (the adapter's copy runs).
     """
     adapter = active_adapter(model) if adapter is None else adapter
     if adapter is None:
@@ -25,8 +27,8 @@ def merge_(model: nn.Module, adapter: str | None = None) -> None:
         return
     if current is not None:
         raise LoraError(f"adapter={adapter!r}: {current!r} is already merged; call lk.unmerge_(model) first")
+    set_active(model, adapter)
     for _, layer in lora_layers(model):
-        layer.active_adapter = adapter
         if adapter in layer.lora_A:
             layer.merge(adapter)
 
@@ -40,11 +42,14 @@ def unmerge_(model: nn.Module) -> None:
 
 def unload_(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every LoRA layer by its plain base layer; with merge=True the active adapter is
-    folded into the weights first (a merged adapter stays merged). Returns the model."""
+    folded into the weights first (a merged adapter stays merged). A module to save becomes the
+    active adapter's copy with merge=True, its original without. Returns the model."""
     adapter = merged_adapter(model) or active_adapter(model)
     if not merge:
         unmerge_(model)
     for path, layer in list(lora_layers(model)):
         base = layer.fold(adapter if merge else None)
         model.set_submodule(path, base)
+    for path, wrapper in list(saved_modules(model)):
+        model.set_submodule(path, wrapper.unwrap(adapter if merge else None))
     return model

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import LoraError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 CACHE_STAMP = "lorakit_source.json"  # written last into a cache; names the package it came from
 
 
@@ -53,10 +54,7 @@ BUNDLED: dict[str, BundledModel] = {
 
 def load_bundled(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """(model, tokenizer) of the bundled model `name`, in eval mode, in `dtype`."""
-    spec = _bundled(name)
-    source = _package_dir(spec)
-    directory = source / spec.subdir if spec.subdir else _gguf_cache(spec, source)
-    return _load_directory(directory, dtype)
+    return _load_directory(model_directory(_bundled(name).name), dtype)
 
 
 def load_model(model: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object | None]:
@@ -65,15 +63,66 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     A directory is loaded as the class its config.json names (e.g. LlamaForCausalLM); its
     tokenizer is None if the directory holds no tokenizer files.
     """
+    return _load_directory(model_directory(model), dtype)
+
+
+def model_directory(model: str | os.PathLike) -> Path:
+    """The transformers directory behind a bundled name (building the GGUF cache if needed) or a path."""
     if isinstance(model, str) and model in BUNDLED:
-        return load_bundled(model, dtype)
+        spec = _bundled(model)
+        source = _package_dir(spec)
+        return source / spec.subdir if spec.subdir else _gguf_cache(spec, source)
     directory = Path(model)
     if not (directory / "config.json").is_file():
         raise LoraError(
             f"model={str(model)!r} is neither a bundled model ({_names()}) nor a directory with a "
             "config.json (a transformers model saved with save_pretrained)"
         )
-    return _load_directory(directory, dtype)
+    return directory
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The tokenizer of a bundled model or model directory; a pad token is set if it has none."""
+    import transformers
+
+    directory = model_directory(model)
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise LoraError(f"model={str(model)!r}: {directory} holds no tokenizer files; save the tokenizer "
+                        "next to the model (tokenizer.save_pretrained(dir))")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_task_model(model: str | os.PathLike, task: str, label_names=None,
+                    dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with the head a task needs: a causal LM, or a sequence classifier whose new head
+    has one output per label name (initialised from torch's global RNG: seed it first)."""
+    import transformers
+
+    directory = model_directory(model)
+    if task == "causal-lm":
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    elif task == "classify":
+        labels = list(label_names or [])
+        if len(labels) < 2:
+            raise LoraError(f"label_names={labels!r}: a classifier needs at least two labels")
+        loaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+            directory, dtype=dtype, local_files_only=True, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+        if loaded.config.pad_token_id is None:
+            tokenizer = load_tokenizer(model)
+            loaded.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        raise LoraError(f"task={task!r}: must be 'causal-lm' or 'classify'")
+    return loaded.eval()
+
+
+def classifier_head(model: nn.Module) -> str | None:
+    """Path of a sequence classifier's output head (newly initialised, so trained in full)."""
+    names = dict(model.named_modules())
+    return next((n for n in ("classifier", "score") if n in names), None)
 
 
 def cache_root() -> Path:
@@ -170,6 +219,6 @@ def _load_directory(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, obj
     model = (model_class or transformers.AutoModel).from_pretrained(directory, dtype=dtype, local_files_only=True)
     model.eval()
     tokenizer = None
-    if any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
+    if any((directory / f).is_file() for f in TOKENIZER_FILES):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return model, tokenizer

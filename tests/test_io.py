@@ -277,3 +277,26 @@ def test_saved_files_follow_the_umask(saved):
     os.umask(mask)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_adapter_info_reads_config_counts_and_metadata(tmp_path):
+    model = trained()
+    directory = lk.save_adapter(model, tmp_path / "a", metadata={"lorakit_task": "classify",
+                                                                  "lorakit_label_names": '["no", "yes"]'})
+    info = lk.adapter_info(directory)
+    layers = dict(lk.lora_layers(model))
+    assert info["modules"] == len(layers) == 3
+    assert info["parameters"] == sum(l.lora_A["default"].numel() + l.lora_B["default"].numel() for l in layers.values())
+    assert info["config"]["rank"] == 4 and info["config"]["alpha"] == 8 and info["config"]["rank_pattern"] == {"conv": 2}
+    assert info["task"] == "classify" and info["label_names"] == ["no", "yes"] and info["format_version"] == "1"
+    assert info["files"] == {n: (directory / n).stat().st_size for n in (CONFIG_FILE, WEIGHTS_FILE)}
+    assert len(info["base_fingerprint"]) == 12
+
+
+def test_adapter_info_of_a_file_without_lorakit_metadata(saved):
+    _, directory = saved
+    tensors = load_file(directory / WEIGHTS_FILE)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})  # as PEFT writes it
+    info = lk.adapter_info(directory)
+    assert info["format_version"] is None and info["task"] is None and info["base_fingerprint"] is None
+    assert info["modules"] == 3

@@ -1,0 +1,424 @@
+"""Fine-tuning runs: LoRA (or full fine-tuning, for comparison) on a causal LM or a classifier.
+
+One loop for both modes, so they compare on equal terms. Reads top to bottom:
+set-up -> model -> data -> optimiser -> [resume] -> steps (accumulate, reduce, clip, step,
+log, evaluate, checkpoint) -> final save, summary, loss curve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, trainable_weights
+from .config import LoraConfig
+from .data import TASKS, BatchStream, collate, load_dataset, padding_id, split_dataset
+from .distributed import World, all_reduce_sum, barrier, close_world, init_world, reduce_gradients
+from .errors import LoraError, problems_error
+from .inject import inject_
+from .io import save_adapter
+from .params import parameter_counts
+from .zoo import classifier_head, load_task_model, load_tokenizer
+
+SCHEDULES = ("constant", "linear", "cosine")
+LOG_FILE = "log.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Every field is also a `lorakit train` option (underscores become dashes)."""
+
+    model: str = _opt("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    data: str = _opt("data/kjv_sample.txt", "training data: .txt, JSONL {text} or {prompt,response}; classify: JSONL/CSV {text,label}")
+    task: str = _opt("causal-lm", "causal-lm or classify", choices=TASKS)
+    out: str = _opt("out/run", "output folder: adapter/, checkpoints/, log.jsonl, summary.json, loss.png")
+    rank: int = _opt(8, "LoRA rank r")
+    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = _opt(0.0, "dropout on the adapter input")
+    targets: tuple[str, ...] = _opt(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
+    full: bool = _opt(False, "full fine-tuning of every weight instead of LoRA (same loop, for comparison)")
+    steps: int = _opt(100, "optimiser steps")
+    lr: float = _opt(2e-4, "peak learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup: int = _opt(0, "linear warm-up steps")
+    schedule: str = _opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    batch_size: int = _opt(8, "examples per optimiser step, over all processes and accumulation steps")
+    grad_accum: int = _opt(1, "micro-batches per optimiser step (batch_size must divide evenly)")
+    max_length: int = _opt(128, "tokens per example (longer texts are split or truncated)")
+    eval_fraction: float = _opt(0.1, "share of the data held out for evaluation (0: none)")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only at the start and end)")
+    save_every: int = _opt(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
+    seed: int = _opt(0, "random seed (data order, initialisation, dropout)")
+    clip: float = _opt(1.0, "gradient-norm clipping (0: off)")
+    grad_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    bf16: bool = _opt(False, "bfloat16 autocast for forward and backward")
+    max_bad_steps: int = _opt(5, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+    resume: str | None = _opt(None, "continue from the latest checkpoint of this run folder")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        problems = []
+        positive = ("rank", "steps", "batch_size", "grad_accum", "max_length")
+        problems += [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in positive
+                     if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        non_negative = ("warmup", "eval_every", "save_every", "keep_checkpoints", "clip", "weight_decay", "max_bad_steps")
+        problems += [f"{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
+        if self.task not in TASKS:
+            problems.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(f"eval_fraction={self.eval_fraction!r}: must be in [0, 1)")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr!r}: must be positive, e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning")
+        if isinstance(self.batch_size, int) and isinstance(self.grad_accum, int) and self.grad_accum >= 1 \
+                and self.batch_size % self.grad_accum:
+            problems.append(f"grad_accum={self.grad_accum}: must divide batch_size={self.batch_size}")
+        if problems:
+            raise problems_error("invalid training options", problems)
+
+    def lora_config(self, modules_to_save: tuple[str, ...] = ()) -> LoraConfig:
+        extra = {"modules_to_save": modules_to_save} if modules_to_save else {}
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets, **extra)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `model` is the trained model (adapter active, unmerged)."""
+
+    steps: int
+    trainable: int
+    total: int
+    first_eval: dict
+    last_eval: dict
+    best_eval: dict
+    skipped_steps: int
+    seconds: float
+    out: Path
+    saved_bytes: int
+    model: nn.Module = field(repr=False, default=None)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run `cfg`; under torchrun, every process calls this and rank 0 writes the files."""
+    world = init_world()
+    try:
+        return _Run(cfg, world).run()
+    finally:
+        close_world(world)
+
+
+class _Run:
+    """The state of one training run; methods are the stages of the loop."""
+
+    def __init__(self, cfg: TrainConfig, world: World) -> None:
+        self.cfg, self.world = cfg, world
+        self.out = Path(cfg.out)
+        self.tokenizer = load_tokenizer(cfg.model)
+        data = load_dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_length)
+        self.label_names = data.label_names
+        torch.manual_seed(cfg.seed)  # the same head initialisation and LoRA A on every process
+        self.model = load_task_model(cfg.model, cfg.task, data.label_names)
+        self.head = classifier_head(self.model) if cfg.task == "classify" else None
+        self.train_data, self.eval_data = split_dataset(data, cfg.eval_fraction, cfg.seed)
+        self.pad_id = padding_id(self.tokenizer)
+        self._prepare_model()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if cfg.batch_size % (world.size * cfg.grad_accum):
+            raise LoraError(f"batch_size={cfg.batch_size}: must be a multiple of processes x grad_accum "
+                            f"= {world.size} x {cfg.grad_accum}")
+        self.stream = BatchStream(len(self.train_data.examples), cfg.batch_size, cfg.seed, world.rank, world.size)
+        self.step, self.bad_in_a_row, self.skipped = 0, 0, 0
+        self.evals: list[dict] = []
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def _prepare_model(self) -> None:
+        cfg, model = self.cfg, self.model
+        if cfg.full:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            inject_(model, cfg.lora_config(modules_to_save=(self.head,) if self.head else ()))
+        if cfg.grad_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise LoraError(f"grad_checkpointing: {type(model).__name__} does not support it; drop the option")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.world.device)
+        model.train()
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, world = self.cfg, self.world
+        began = time.perf_counter()
+        if cfg.resume:
+            self._resume(load_checkpoint(cfg.resume))
+        elif world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / LOG_FILE).write_text("")
+        trainable, total = parameter_counts(self.model)
+        if not self.evals:
+            self.evals.append(self.evaluate())
+            self._log(self.evals[-1])
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (cfg.progress and world.is_main),
+                   dynamic_ncols=True)
+        while self.step < cfg.steps:
+            record = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self._log(record)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evals.append(self.evaluate())
+                self._log(self.evals[-1])
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.checkpoint()
+        bar.close()
+        self.evals.append(self.evaluate())
+        self._log(self.evals[-1])
+        self.checkpoint()
+        saved = self.save_final()
+        result = TrainResult(self.step, trainable, total, self.evals[0], self.evals[-1], self._best(),
+                             self.skipped, time.perf_counter() - began, self.out, saved, self.model.eval())
+        if world.is_main:
+            self._write_summary(result)
+        return result
+
+    def train_step(self) -> dict:
+        """One optimiser step over one global batch; NaN/Inf steps are skipped and counted."""
+        cfg, world = self.cfg, self.world
+        started = time.perf_counter()
+        indices = self.stream.next_indices()
+        batch = [self.train_data.examples[i] for i in indices]
+        micro = len(batch) // cfg.grad_accum
+        chunks = [collate(batch[i * micro:(i + 1) * micro], self.pad_id) for i in range(cfg.grad_accum)]
+        # Loss is a sum over the global batch divided by its size, so processes and micro-batches add up.
+        counts = all_reduce_sum(world, torch.tensor([float(sum(_count(c) for c in chunks))]))
+        denominator = counts.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros(1)
+        for chunk in chunks:
+            loss = self._loss(chunk) / denominator
+            loss.backward()
+            total_loss += loss.detach().float().cpu()
+        reduce_gradients(world, self.params)
+        all_reduce_sum(world, total_loss)
+        grad_norm = self._grad_norm()
+        finite = bool(torch.isfinite(total_loss).all()) and math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_a_row += 1
+            self.skipped += 1
+            if world.is_main:
+                tqdm.write(f"step {self.step + 1}: loss or gradients are NaN/Inf; step skipped "
+                           f"({self.bad_in_a_row} in a row)")
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                raise LoraError(f"training diverged: {self.bad_in_a_row} steps in a row had NaN/Inf loss or "
+                                f"gradients (step {self.step + 1}); lower lr={cfg.lr} or raise warmup, or resume "
+                                f"from the last checkpoint in {self.out}")
+        self.scheduler.step()
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        tokens = sum(int(c["attention_mask"].sum()) for c in chunks) * world.size
+        return {"step": self.step, "loss": total_loss.item(), "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens / elapsed, "skipped": not finite}
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        return summed_loss(self.model, batch, self.cfg.task, self.world.device, self.cfg.bf16)[0]
+
+    def _grad_norm(self) -> float:
+        if self.cfg.clip > 0:
+            return float(nn.utils.clip_grad_norm_(self.params, self.cfg.clip))
+        grads = [p.grad.norm() for p in self.params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def evaluate(self) -> dict:
+        """Held-out metrics at the current step (each process scores its share; sums are reduced)."""
+        shard = self.eval_data.examples[self.world.rank::self.world.size]
+        record = evaluate(self.model, shard, self.cfg.task, self.pad_id, self.cfg.batch_size,
+                          self.world.device, self.cfg.bf16, self.world)
+        return {"step": self.step, **record}
+
+    # --- files ----------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.world.is_main:
+            with open(self.out / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self) -> None:
+        rng = _gather_rng(self.world)
+        if self.world.is_main:
+            state = TrainingState(
+                self.step, trainable_weights(self.model), self.optimizer.state_dict(), self.scheduler.state_dict(),
+                rng, self.stream.state_dict(),
+                {"bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped, "evals": self.evals,
+                 "config": self.cfg.to_dict()},
+            )
+            save_checkpoint(self.out, state, self.cfg.keep_checkpoints)
+        barrier(self.world)
+
+    def _resume(self, state: TrainingState) -> None:
+        current = trainable_weights(self.model)
+        if current.keys() != state.weights.keys():
+            missing = sorted(current.keys() - state.weights.keys())[:3]
+            raise LoraError(f"resume={self.cfg.resume!r}: the checkpoint's trainable weights do not match this "
+                            f"run's (e.g. {missing}); resume with the same model, task and LoRA options")
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.weights.items():
+                named[name].copy_(tensor)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.stream.load_state_dict(state.data)
+        if self.world.rank < len(state.rng):
+            torch.set_rng_state(state.rng[self.world.rank])
+        self.step = state.step
+        self.bad_in_a_row, self.skipped = state.extra["bad_in_a_row"], state.extra["skipped"]
+        self.evals = list(state.extra["evals"])
+
+    def save_final(self) -> int:
+        """The adapter (PEFT layout) or, for --full, the whole model; returns its size in bytes."""
+        if not self.world.is_main:
+            barrier(self.world)
+            return 0
+        target = self.out / ("model" if self.cfg.full else "adapter")
+        if self.cfg.full:
+            self.model.save_pretrained(target)
+            self.tokenizer.save_pretrained(target)  # a complete model folder: from_pretrained works
+        else:
+            save_adapter(self.model, target, metadata=self._label_metadata())
+        barrier(self.world)
+        return sum(f.stat().st_size for f in target.iterdir() if f.suffix in (".safetensors", ".json"))
+
+    def _label_metadata(self) -> dict[str, str]:
+        meta = {"lorakit_task": self.cfg.task, "lorakit_base_model": self.cfg.model}
+        if self.label_names:
+            meta["lorakit_label_names"] = json.dumps(list(self.label_names))
+        return meta
+
+    def _best(self) -> dict:
+        scored = [e for e in self.evals if e.get("eval_loss") is not None]
+        if not scored:
+            return {}
+        if self.cfg.task == "classify":
+            return max(scored, key=lambda e: e["eval_accuracy"])
+        return min(scored, key=lambda e: e["eval_loss"])
+
+    def _write_summary(self, result: TrainResult) -> None:
+        summary = {
+            "mode": "full" if self.cfg.full else "lora",
+            "trainable_parameters": result.trainable,
+            "total_parameters": result.total,
+            "trainable_percent": 100 * result.trainable / result.total,
+            "saved_bytes": result.saved_bytes,
+            "steps": result.steps,
+            "skipped_steps": result.skipped_steps,
+            "seconds": result.seconds,
+            "first_eval": result.first_eval,
+            "last_eval": result.last_eval,
+            "best_eval": result.best_eval,
+            "peak_memory_bytes": _peak_memory(self.world),
+            "config": self.cfg.to_dict(),
+        }
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        from .plots import plot_loss_curve
+
+        plot_loss_curve(self.out / LOG_FILE, self.out / "loss.png")
+
+
+def summed_loss(model: nn.Module, batch: dict, task: str, device: torch.device,
+                bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss summed over the batch, logits): over target tokens for causal-lm, examples for classify."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits.float()
+    if task == "classify":
+        return F.cross_entropy(logits, batch["labels"], reduction="sum"), logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+    return loss, logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int = 8,
+             device: torch.device = torch.device("cpu"), bf16: bool = False, world: World = World()) -> dict:
+    """Mean loss over `examples` (summed over processes), with perplexity or accuracy."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, count, correct
+    for start in range(0, len(examples), max(1, batch_size)):
+        batch = collate(examples[start:start + batch_size], pad_id)
+        loss, logits = summed_loss(model, batch, task, device, bf16)
+        totals[0] += loss.item()
+        totals[1] += _count(batch)
+        if task == "classify":
+            totals[2] += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
+    model.train(was_training)
+    all_reduce_sum(world, totals)
+    if totals[1] == 0:
+        return {"eval_loss": None}
+    record = {"eval_loss": totals[0].item() / totals[1].item()}
+    if task == "classify":
+        record["eval_accuracy"] = totals[2].item() / totals[1].item()
+    else:
+        record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50.0))
+    return record
+
+
+def _count(batch: dict) -> int:
+    labels = batch["labels"]
+    return int(labels.numel()) if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
+
+
+def _gather_rng(world: World) -> list[torch.Tensor]:
+    state = torch.get_rng_state()
+    if world.size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [torch.empty_like(state) for _ in range(world.size)]
+    dist.all_gather(states, state)
+    return states
+
+
+def _peak_memory(world: World) -> int:
+    if world.device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(world.device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,293 @@
+"""lorakit.cli: complete --help, and train -> eval -> generate -> inspect -> merge end to end on tiny
+models, each checked against plain transformers (or a hand-written loop) as the reference."""
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors import safe_open
+
+import lorakit as lk
+import tiny
+from lorakit.cli import main
+from lorakit.inference import prompt_texts
+from lorakit.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAGRAPHS = [
+    "the lord said unto the man and the man said unto the lord",
+    "in the day that the king of the land came to the house of god",
+    "he was the son of the king and she was the daughter of the man",
+    "they made the house and they called it the house of the lord",
+    "the people of the land were many and the king was first",
+    "and it was long and the day was made for the people",
+]
+PROMPTS = ["the lord said", "in the day that the king of the land", "they"]
+CLASSIFY = [("the lord said unto the man", "lord"), ("the king of the land", "land"),
+            ("the son of god", "lord"), ("the people of the land", "land")]
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `lorakit argv`, in process; argparse's own exits included."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def ok(argv: list[str]) -> str:
+    code, out, err = run(argv)
+    assert code == 0, err
+    return out
+
+
+# --- --help ------------------------------------------------------------------------------------------
+def test_top_level_help_lists_every_subcommand_with_an_example():
+    code, out, _ = run(["--help"])
+    assert code == 0
+    for command in ("train", "eval", "generate", "merge", "inspect"):
+        assert command in out and f"lorakit {command} " in out
+
+
+def test_train_help_has_every_trainconfig_field_with_its_default_and_choices():
+    code, out, _ = run(["train", "--help"])
+    assert code == 0
+    flat = " ".join(out.split())  # argparse wraps lines
+    for f in dataclasses.fields(TrainConfig):
+        option = "--" + f.name.replace("_", "-")
+        assert option in out
+        if f.default is True or f.default is False:
+            assert f"--no-{f.name.replace('_', '-')}" in out
+        assert " ".join(f.metadata["help"].split()) in flat
+        for choice in f.metadata.get("choices", ()):
+            assert choice in out
+    assert "(default: q_proj,v_proj)" in flat and "(default: 16.0)" in flat and "(default: on)" in flat
+
+
+@pytest.mark.parametrize("command, options", [
+    ("eval", ["--model", "--adapter", "--data", "--task", "--max-length", "--batch-size", "--json"]),
+    ("generate", ["--model", "--adapter", "--prompt", "--prompts", "--max-new-tokens", "--temperature", "--seed",
+                  "--no-chat", "--json"]),
+    ("merge", ["--model", "--adapter", "--out", "--dtype", "--force"]),
+    ("inspect", ["ADAPTER", "--json"]),
+])
+def test_subcommand_help_mentions_every_option(command, options):
+    code, out, _ = run([command, "--help"])
+    assert code == 0
+    for option in options:
+        assert option in out
+    assert f"example:\n  lorakit {command} " in out
+
+
+def test_python_dash_m_lorakit_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"lorakit {lk.__version__}"
+
+
+# --- end to end: causal-lm -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny Llama folder, a text file, and an adapter trained on it by `lorakit train`."""
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny.causal_lm_dir(root / "lm")
+    data = root / "text.txt"
+    data.write_text("\n\n".join(PARAGRAPHS) + "\n")
+    out = root / "run"
+    code, printed, err = run(["train", "--model", str(model), "--data", str(data), "--out", str(out),
+                              "--steps", "6", "--lr", "3e-2", "--batch-size", "2", "--max-length", "32",
+                              "--eval-fraction", "0.34", "--targets", "q_proj,v_proj", "--no-progress"])
+    assert code == 0, err
+    return {"model": model, "data": data, "out": out, "adapter": out / "adapter", "printed": printed}
+
+
+def base_with_adapter(lm) -> torch.nn.Module:
+    model = transformers.AutoModelForCausalLM.from_pretrained(lm["model"]).eval()
+    lk.load_adapter(model, lm["adapter"])
+    return model
+
+
+def test_train_prints_a_summary_that_matches_the_model(lm):
+    base = transformers.AutoModelForCausalLM.from_pretrained(lm["model"])
+    lora = sum(8 * (m.in_features + m.out_features) for name, m in base.named_modules()
+               if name.endswith(("q_proj", "v_proj")))
+    total = sum(p.numel() for p in base.parameters()) + lora
+    summary = json.loads((lm["out"] / "summary.json").read_text())
+    printed = lm["printed"]
+    assert f"trainable parameters: {lora:,} of {total:,} ({100 * lora / total:.2f}%)" in printed
+    assert "trained 6 steps" in printed and "(0 skipped)" in printed
+    assert f"in {lm['adapter']}" in printed
+    assert f"first loss {summary['first_eval']['eval_loss']:.4f}" in printed
+    assert f"last loss {summary['last_eval']['eval_loss']:.4f}" in printed
+    assert "adapter/, checkpoints/, log.jsonl, loss.png, summary.json" in printed
+
+
+def test_eval_equals_transformers_loss_over_the_whole_file(lm):
+    result = json.loads(ok(["eval", "--model", str(lm["model"]), "--adapter", str(lm["adapter"]),
+                            "--data", str(lm["data"]), "--max-length", "32", "--json"]))
+    model, tokenizer = base_with_adapter(lm), transformers.AutoTokenizer.from_pretrained(lm["model"])
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for text in PARAGRAPHS:  # one example each (all shorter than --max-length)
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            loss_sum += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    assert result["task"] == "causal-lm" and result["examples"] == len(PARAGRAPHS)
+    assert result["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(torch.tensor(loss_sum / tokens).exp().item(), rel=1e-5)
+    base_only = json.loads(ok(["eval", "--model", str(lm["model"]), "--data", str(lm["data"]), "--json"]))
+    assert base_only["loss"] != pytest.approx(result["loss"])  # the adapter was used
+
+
+def greedy_reference(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Greedy decoding by hand: argmax of the full forward, one token at a time, stop at eos."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            next_id = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+            if next_id.item() == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
+
+
+def test_generate_is_greedy_and_batching_with_left_padding_changes_nothing(lm, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    common = ["generate", "--model", str(lm["model"]), "--adapter", str(lm["adapter"]), "--max-new-tokens", "6"]
+    batched = [json.loads(line) for line in ok(common + ["--prompts", str(prompts_file), "--json"]).splitlines()]
+    model, tokenizer = base_with_adapter(lm), transformers.AutoTokenizer.from_pretrained(lm["model"])
+    assert [r["prompt"] for r in batched] == PROMPTS
+    for record in batched:
+        assert record["completion"] == greedy_reference(model, tokenizer, record["prompt"], 6)
+    alone = ok(common + ["--prompt", PROMPTS[1]])
+    assert alone == f"> {PROMPTS[1]}\n{batched[1]['completion']}\n\n"
+
+
+def test_prompts_go_through_the_chat_template_unless_no_chat(lm):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm["model"])
+    assert prompt_texts(tokenizer, PROMPTS) == PROMPTS  # no template: as they are
+    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}"
+                               "{% if add_generation_prompt %} the lord said{% endif %}")
+    assert prompt_texts(tokenizer, ["the king"]) == ["<s> the king </s> the lord said"]
+    assert prompt_texts(tokenizer, ["the king"], chat=False) == ["the king"]
+
+
+def test_inspect_reports_the_adapter_from_its_header(lm):
+    info = json.loads(ok(["inspect", str(lm["adapter"]), "--json"]))
+    model = base_with_adapter(lm)
+    layers = list(lk.lora_layers(model))
+    with safe_open(str(lm["adapter"] / "adapter_model.safetensors"), framework="pt") as f:
+        fingerprint = f.metadata()["lorakit_base_fingerprint"]
+    assert info["config"] | {"targets": sorted(info["config"]["targets"])} == {
+        "rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"], "dropout": 0.0, "bias": "none",
+        "rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+    assert info["modules"] == len(layers)
+    assert info["parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert info["task"] == "causal-lm" and info["base_model"] == str(lm["model"]) and info["label_names"] is None
+    assert info["format_version"] == "1" and info["scale"] == 2.0
+    assert info["base_fingerprint"] == hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    assert info["files"] == {name: (lm["adapter"] / name).stat().st_size
+                             for name in ("adapter_config.json", "adapter_model.safetensors")}
+    text = ok(["inspect", str(lm["adapter"])])
+    for fragment in ("rank 8, alpha 16, scale 2", "targets:", f"{len(layers)} adapted", info["base_fingerprint"],
+                     "causal-lm"):
+        assert fragment in text
+
+
+def test_merge_writes_a_plain_model_with_the_adapters_logits(lm, tmp_path):
+    out = tmp_path / "merged"
+    printed = ok(["merge", "--model", str(lm["model"]), "--adapter", str(lm["adapter"]), "--out", str(out)])
+    assert "LlamaForCausalLM.from_pretrained" in printed
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no lorakit
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(PARAGRAPHS[:3], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = base_with_adapter(lm)(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f, \
+            safe_open(str(lm["model"] / "model.safetensors"), framework="pt") as g:
+        assert set(f.keys()) == set(g.keys())  # the base's tensors, nothing of the adapter's
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_merge_refuses_a_non_empty_out_unless_forced(lm, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = ["merge", "--model", str(lm["model"]), "--adapter", str(lm["adapter"]), "--out", str(out)]
+    code, _, err = run(argv)
+    assert code == 2 and "--out" in err and "--force" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "mine"
+    ok(argv + ["--force"])
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+# --- end to end: classify ------------------------------------------------------------------------------
+def test_classify_adapter_brings_its_labels_and_head_to_eval(tmp_path):
+    model_dir = tiny.encoder_dir(tmp_path / "encoder")
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in CLASSIFY * 3))
+    out = tmp_path / "run"
+    ok(["train", "--model", str(model_dir), "--task", "classify", "--data", str(data), "--out", str(out),
+        "--targets", "query,value", "--steps", "4", "--lr", "3e-2", "--batch-size", "4", "--eval-fraction", "0",
+        "--no-progress"])
+    info = json.loads(ok(["inspect", str(out / "adapter"), "--json"]))
+    assert info["task"] == "classify" and info["label_names"] == ["land", "lord"]
+    result = json.loads(ok(["eval", "--model", str(model_dir), "--adapter", str(out / "adapter"),
+                            "--data", str(data), "--json"]))
+    # Reference: transformers builds the classifier from the recorded labels; lorakit loads the adapter into it.
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2, id2label={0: "land", 1: "lord"}, label2id={"land": 0, "lord": 1}).eval()
+    lk.load_adapter(reference, out / "adapter")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    batch = tokenizer([t for t, _ in CLASSIFY * 3], return_tensors="pt", padding=True)
+    labels = torch.tensor([{"land": 0, "lord": 1}[y] for _, y in CLASSIFY * 3])
+    with torch.no_grad():
+        logits = reference(**batch).logits
+    assert result["task"] == "classify" and result["examples"] == len(labels)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
+    assert result["accuracy"] == (logits.argmax(-1) == labels).float().mean().item()
+    code, _, err = run(["generate", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--prompt", "x"])
+    assert code == 2 and "classify" in err
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, option", [
+    (["train", "--model", "no-such-model"], "--model"),
+    (["train", "--data", "no/such/file.txt"], "--data"),
+    (["train", "--steps", "0"], "--steps"),
+    (["train", "--rank", "eight"], "--rank"),
+    (["train", "--task", "translate"], "--task"),
+    (["train", "--batch-size", "8", "--grad-accum", "3"], "--grad-accum"),
+    (["eval", "--model", "no-such-model"], "--model"),
+    (["eval", "--data", "no/such/file.txt"], "--data"),
+    (["eval", "--adapter", "no/such/dir"], "--adapter"),
+    (["eval", "--max-length", "1"], "--max-length"),
+    (["generate", "--prompt", "the", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--prompts", "no/such/file.jsonl"], "--prompts"),
+    (["inspect", "no/such/dir"], "ADAPTER"),
+])
+def test_bad_input_exits_2_with_a_message_naming_the_option(lm, argv, option):
+    defaults = {"train": ["--model", str(lm["model"]), "--data", str(lm["data"]), "--no-progress",
+                          "--out", str(lm["out"].parent / "never")],
+                "eval": ["--model", str(lm["model"]), "--data", str(lm["data"])],
+                "generate": ["--model", str(lm["model"])],
+                "inspect": []}[argv[0]]
+    code, out, err = run(argv[:1] + defaults + argv[1:])  # later options win
+    assert code == 2, out
+    assert option in err and "Traceback" not in err
+    assert not (lm["out"].parent / "never").exists()
