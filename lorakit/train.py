@@ -288,7 +288,9 @@ class _Run:
                 {"bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped, "evals": self.evals,
                  "config": self.cfg.to_dict()},
             )
-            save_checkpoint(self.out, state, self.cfg.keep_checkpoints)
+            adapter = None if self.cfg.full else (lambda folder: save_adapter(
+                self.model, folder / "adapter", metadata=self._label_metadata()))
+            save_checkpoint(self.out, state, self.cfg.keep_checkpoints, write_extra=adapter)
         barrier(self.world)
 
     def _resume(self, state: TrainingState) -> None:
