@@ -279,9 +279,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 # --- generate --------------------------------------------------------------------------------------------
 def _generate(args: argparse.Namespace) -> int:
-    from .inference import generate, load_for_inference, read_prompts
+    from .data import load_prompts
+    from .inference import generate, load_for_inference
 
-    prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    prompts = [args.prompt] if args.prompts is None else [r["prompt"] for r in load_prompts(args.prompts)]
     loaded = load_for_inference(args.model, args.adapter)
     if loaded.task != "causal-lm":
         raise LoraError(f"adapter={args.adapter!r} was trained for {loaded.task!r}, which does not generate "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -209,6 +210,28 @@ def _stream_problems(n_examples, batch_size, seed, rank, world_size) -> list[str
     if _is_int(world_size) and (not _is_int(rank) or not 0 <= rank < world_size):
         p.append(f"rank={rank!r}: must be an integer in [0, world_size={world_size})")
     return p
+
+
+# --- prompts for generation -------------------------------------------------------------------------
+PROMPT_EXAMPLE = '{"prompt": "Who made the heaven?"}'
+
+
+def load_prompts(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL prompts file: {"prompt": str} per non-blank line, plus an optional
+    {"adapter": str | null} naming the adapter to generate that row with."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"prompts={str(path)!r}: file not found")
+    records = []
+    for number, record in _jsonl_records(path, _read_lines(path)):
+        prompt = _field(path, number, record, "prompt", PROMPT_EXAMPLE)
+        adapter = record.get("adapter")
+        if adapter is not None and not (isinstance(adapter, str) and adapter.strip()):
+            raise LoraError(f"{path}:{number}: the field 'adapter' is {adapter!r}; give an adapter name or null")
+        records.append({"prompt": prompt, "adapter": adapter})
+    if not records:
+        raise LoraError(f"{path}: no prompts; write one object per line, e.g. {PROMPT_EXAMPLE}")
+    return records
 
 
 # --- reading files -------------------------------------------------------------------------------------

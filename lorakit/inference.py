@@ -9,7 +9,6 @@ classifier gets a head with the right labels before the adapter's weights go in.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -89,26 +88,6 @@ def _transformers_errors_only(enabled: bool = True):
         yield
     finally:
         logging.set_verbosity(level)
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts of a JSONL file, one {"prompt": ...} object per non-blank line."""
-    prompts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LoraError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be an object "
-                            '{"prompt": "..."}') from None
-        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip()):
-            raise LoraError(f'{path}:{number}: needs a non-empty string field "prompt", '
-                            'e.g. {"prompt": "Say hello."}')
-        prompts.append(record["prompt"])
-    if not prompts:
-        raise LoraError(f'{path}: no prompts; write one object {{"prompt": ...}} per line')
-    return prompts
 
 
 def prompt_texts(tokenizer, prompts: list[str], chat: bool = True) -> list[str]:
