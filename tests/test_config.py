@@ -32,6 +32,7 @@ def test_each_bad_field_is_named_with_its_value(field, value):
     message = str(info.value)
     assert f"1 problem(s)\n  - {field}" in message
     assert _shown(value) in message
+    assert isinstance(info.value, ValueError)
 
 
 def _shown(value) -> str:
@@ -40,7 +41,6 @@ def _shown(value) -> str:
         key, bad = next(iter(value.items()))
         return f"[{key!r}]={bad!r}"
     return repr(value)
-    assert isinstance(info.value, ValueError)
 
 
 def test_all_problems_are_reported_together():
