@@ -7,6 +7,7 @@ from .io import adapter_info, load_adapter, save_adapter
 from .layers import LoraLayer, lora_layers
 from .lowrank import delta_weight, lora_scale
 from .merge import merge_, unload_, unmerge_
+from .mixed import mixed_batch
 from .modules_to_save import ModuleToSave, saved_modules
 from .params import parameter_counts
 from .zoo import BUNDLED, load_bundled, load_model
@@ -35,6 +36,7 @@ __all__ = [
     "lora_scale",
     "merge_",
     "merged_adapter",
+    "mixed_batch",
     "parameter_counts",
     "resolve_modules_to_save",
     "resolve_targets",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig
-from .lowrank import delta_weight, lowrank_linear
+from .lowrank import delta_weight, lowrank_embedding_routed, lowrank_linear, lowrank_linear_routed
 
 _CREATION = itertools.count()  # a process-wide clock: adapters are listed in the order they were added
 
@@ -38,12 +38,14 @@ class LoraLayer(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
+        self.routing = None  # a mixed.Routing while inside lk.mixed_batch: one adapter per example
         # The exact pre-merge weight while merged: unmerge restores it bit for bit.
         self.register_buffer("base_backup", None, persistent=False)
         self.train(base_layer.training)
 
     # --- geometry, given by subclasses -------------------------------------------------------
     groups = 1
+    lowrank_routed = None  # (x, A_stack, B_stack, index, scale) -> update; None: no mixed batches
     takes_dropout = True  # False where the input is not a float tensor (embedding indices)
 
     @classmethod
@@ -101,7 +103,11 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
-        if self.disabled or self.merged_adapter is not None or name not in self.lora_A:
+        if self.disabled or self.merged_adapter is not None:
+            return result
+        if self.routing is not None:
+            return self.routing.apply(self, x, result)
+        if name not in self.lora_A:
             return result
         update = self.lowrank(self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name], self.scaling[name])
         return result + update.to(result.dtype)
@@ -160,6 +166,8 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """nn.Linear, weight (d_out, d_in): A (r, d_in), B (d_out, r)."""
 
+    lowrank_routed = staticmethod(lowrank_linear_routed)
+
     @classmethod
     def adapter_shapes(cls, base, rank):
         return (rank, base.in_features), (base.out_features, rank)
@@ -170,6 +178,8 @@ class LoraLinear(LoraLayer):
 
 class LoraConv1D(LoraLayer):
     """transformers' Conv1D (GPT-2), weight stored fan-in x fan-out: dW is transposed on merge."""
+
+    lowrank_routed = staticmethod(lowrank_linear_routed)
 
     @classmethod
     def adapter_shapes(cls, base, rank):
@@ -187,6 +197,7 @@ class LoraEmbedding(LoraLayer):
     """nn.Embedding, weight (num_embeddings, dim): A (r, num_embeddings), B (dim, r). No dropout."""
 
     takes_dropout = False
+    lowrank_routed = staticmethod(lowrank_embedding_routed)
 
     @classmethod
     def adapter_shapes(cls, base, rank):

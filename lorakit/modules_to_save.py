@@ -17,7 +17,7 @@ from torch import nn
 
 # Modules without a forward of their own: there is nothing to call in their place.
 CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
-_OWN_ATTRIBUTES = frozenset({"original_module", "copies", "active_adapter", "disabled", "in_use"})
+_OWN_ATTRIBUTES = frozenset({"original_module", "copies", "active_adapter", "disabled", "in_use", "routing"})
 
 
 class ModuleToSave(nn.Module):
@@ -29,6 +29,7 @@ class ModuleToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.routing = None  # a mixed.Routing while inside lk.mixed_batch: one adapter per example
         self.train(original_module.training)
 
     def add_copy(self, adapter: str) -> None:
@@ -47,6 +48,8 @@ class ModuleToSave(nn.Module):
         return self.copies[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        if self.routing is not None and not self.disabled:
+            return self.routing.apply_saved(self, args, kwargs)
         return self.in_use(*args, **kwargs)
 
     def unwrap(self, adapter: str | None) -> nn.Module:

@@ -1,0 +1,122 @@
+"""Mixed-adapter batches: every example of a batch through its own adapter, in one pass.
+
+    with lk.mixed_batch(model, ["sql", "chat", None, "sql"]):  # one name per example; None = base
+        out = model(input_ids)                                  # forward and backward
+
+Each LoRA layer stacks the A and B of the adapters in the batch (zero-padding smaller ranks),
+gathers each example's pair and applies it with two batched matmuls: no Python loop over
+adapters, so K adapters cost about what one costs. Gradients reach each adapter only from its own
+examples. Modules to save (full copies, e.g. classifier heads) run once per adapter present.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import adapters, merged_adapter
+from .errors import LoraError
+from .layers import LoraLayer, lora_layers
+from .modules_to_save import ModuleToSave, saved_modules
+
+
+class Routing:
+    """Which adapter each example of the batch uses, and the per-layer stacked weights."""
+
+    def __init__(self, names: list[str | None]) -> None:
+        self.names = names
+        self.present = [n for n in dict.fromkeys(names) if n is not None]
+        self._cache: dict[int, tuple] = {}  # layer -> (weight versions, tables), reused without grad
+
+    def check_batch(self, x: torch.Tensor) -> None:
+        if x.shape[0] != len(self.names):
+            raise LoraError(f"mixed_batch: {len(self.names)} adapter names for a batch of {x.shape[0]} examples; "
+                            "give exactly one name (or None) per example")
+
+    def tables(self, layer: LoraLayer, device: torch.device):
+        """(A (K, r, ...), B (K, d_out, r), index (N,), scale (N,), dropout p (N,)) or None."""
+        present = [n for n in self.present if n in layer.lora_A]
+        if not present:
+            return None
+        params = [layer.lora_A[n] for n in present] + [layer.lora_B[n] for n in present]
+        versions = tuple(p._version for p in params)
+        cached = self._cache.get(id(layer))
+        if cached is not None and cached[0] == versions and not torch.is_grad_enabled():
+            return cached[1]
+        r_max = max(layer.rank(n) for n in present)
+        A = torch.stack([F.pad(layer.lora_A[n], (0, 0, 0, r_max - layer.rank(n))) for n in present])
+        B = torch.stack([F.pad(layer.lora_B[n], (0, r_max - layer.rank(n))) for n in present])
+        slot = {n: i for i, n in enumerate(present)}
+        index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
+        scale = torch.tensor([layer.scaling[n] if n in slot else 0.0 for n in self.names], device=device)
+        p = [getattr(layer.lora_dropout[n], "p", 0.0) if n in slot else 0.0 for n in self.names]
+        tables = (A, B, index, scale, torch.tensor(p, device=device))
+        if not torch.is_grad_enabled():
+            self._cache[id(layer)] = (versions, tables)
+        return tables
+
+    def apply(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + each example's own low-rank update."""
+        self.check_batch(x)
+        tables = self.tables(layer, x.device)
+        if tables is None:
+            return result
+        A, B, index, scale, p = tables
+        if layer.training and bool(p.any()):  # each example's own adapter dropout
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            keep = 1.0 - p.view(shape)
+            x = x * (torch.rand_like(x) < keep) / keep
+        return result + layer.lowrank_routed(x, A, B, index, scale).to(result.dtype)
+
+    def apply_saved(self, wrapper: ModuleToSave, args: tuple, kwargs: dict):
+        """Run each adapter's copy (or the original) on its own examples and reassemble the batch."""
+        x = args[0]
+        self.check_batch(x)
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(self.names):
+            groups.setdefault(name if name in wrapper.copies else None, []).append(i)
+        order, outputs = [], []
+        for name, rows in groups.items():
+            module = wrapper.original_module if name is None else wrapper.copies[name]
+            rows_t = torch.tensor(rows, device=x.device)
+            picked = [a.index_select(0, rows_t) if torch.is_tensor(a) and a.shape[:1] == x.shape[:1] else a
+                      for a in args]
+            outputs.append(module(*picked, **kwargs))
+            order += rows
+        inverse = torch.empty(len(order), dtype=torch.long, device=x.device)
+        inverse[torch.tensor(order, device=x.device)] = torch.arange(len(order), device=x.device)
+        return torch.cat(outputs).index_select(0, inverse)
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside, example i of every batch goes through adapter names[i] (None: the base model)."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise LoraError(f"names={names!r}: give a list with one adapter name (or None) per example")
+    names = list(names)
+    known = adapters(model)
+    unknown = sorted({n for n in names if n is not None and n not in known}, key=str)
+    if unknown:
+        raise LoraError(f"mixed_batch: unknown adapter(s) {unknown!r}; this model's adapters are {known!r}")
+    if merged_adapter(model) is not None:
+        raise LoraError(f"mixed_batch: adapter {merged_adapter(model)!r} is merged into the weights; "
+                        "call lk.unmerge_(model) first")
+    unsupported = [(p, layer) for p, layer in lora_layers(model)
+                   if layer.lowrank_routed is None and any(n in layer.lora_A for n in names)]
+    if unsupported:
+        path, layer = unsupported[0]
+        raise LoraError(f"mixed_batch: {path!r} is a {type(layer.base_layer).__name__}; mixed batches support "
+                        "Linear, Conv1D and Embedding adapters (not convolutions): use lk.use(model, name) per group")
+    routing = Routing(names)
+    holders: list[LoraLayer | ModuleToSave] = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    previous = [h.routing for h in holders]
+    for holder in holders:
+        holder.routing = routing
+    try:
+        yield model
+    finally:
+        for holder, before in zip(holders, previous):
+            holder.routing = before
