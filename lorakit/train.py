@@ -182,10 +182,11 @@ class _Run:
     def run(self) -> TrainResult:
         cfg, world = self.cfg, self.world
         began = time.perf_counter()
-        if cfg.resume:
-            self._resume(load_checkpoint(cfg.resume))
-        elif world.is_main:
+        if world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            self._resume(load_checkpoint(cfg.resume))  # the log of the run goes on
+        elif world.is_main:
             (self.out / LOG_FILE).write_text("")
         trainable, total = parameter_counts(self.model)
         if not self.evals:
