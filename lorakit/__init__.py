@@ -1,5 +1,6 @@
 """lorakit: Low-Rank Adaptation for any PyTorch model, with lossless merge and PEFT-compatible files."""
 from .adapters import adapter_config, adapter_paths, adapters, delete_adapter, disabled, merged_adapter, set_active, use
+from .cache import AdapterCache
 from .config import LoraConfig
 from .errors import LoraError
 from .inject import active_adapter, inject_, resolve_modules_to_save, resolve_targets
@@ -15,6 +16,7 @@ from .zoo import BUNDLED, load_bundled, load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCache",
     "BUNDLED",
     "LoraConfig",
     "LoraError",

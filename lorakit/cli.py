@@ -40,6 +40,18 @@ def existing_directory(text: str) -> str:
     return text
 
 
+def adapter_option(text: str) -> tuple[str | None, str]:
+    """generate's --adapter: (None, DIR), one adapter for every prompt, or (NAME, DIR), one the prompts name."""
+    from .inject import ADAPTER_NAME
+
+    name, equals, directory = text.partition("=")
+    if not equals or not ADAPTER_NAME.fullmatch(name) or Path(text).is_dir():
+        return None, existing_directory(text)
+    if not Path(directory).is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {directory!r} (adapter {name!r})")
+    return name, directory
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     items = tuple(item.strip() for item in text.split(",") if item.strip())
     if not items:
@@ -124,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="examples per forward pass (default: %(default)s)")
     evaluate.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    generate = command("generate", "complete prompts with the base model and, if given, an adapter", _generate)
-    _model_options(generate)
+    generate = command("generate", "complete prompts with the base model and, if given, an adapter "
+                                   "(or each prompt with its own adapter)", _generate)
+    _model_options(generate, named_adapters=True)
     prompts = generate.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", type=existing_file, metavar="FILE.jsonl",
-                         help='many prompts, one JSON object {"prompt": ...} per line (generated as one batch)')
+                         help='many prompts, one JSON object {"prompt": ..., "adapter": NAME or null} per line, '
+                              'generated as one batch, each row through its adapter (null or absent: the base)')
     generate.add_argument("--max-new-tokens", type=int, default=40, metavar="N",
                           help="tokens to generate per prompt (default: %(default)s)")
     generate.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -138,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sampling seed (default: %(default)s)")
     generate.add_argument("--no-chat", dest="chat", action="store_false",
                           help="feed prompts as they are, not through the tokenizer's chat template")
-    generate.add_argument("--json", action="store_true", help='print one JSON object {"prompt", "completion"} per line')
+    generate.add_argument("--json", action="store_true",
+                          help='print one JSON object {"prompt", "adapter", "completion"} per line')
 
     merge = command("merge", "fold an adapter into the base weights and save a plain transformers model folder", _merge)
     _model_options(merge, adapter_required=True)
@@ -155,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_options(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+def _model_options(parser: argparse.ArgumentParser, adapter_required: bool = False,
+                   named_adapters: bool = False) -> None:
     parser.add_argument("--model", required=True,
                         help="bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    if named_adapters:
+        parser.add_argument("--adapter", action="append", type=adapter_option, metavar="DIR|NAME=DIR",
+                            help="DIR: one adapter folder for every prompt; NAME=DIR (repeatable): an adapter "
+                                 "the rows of --prompts name in their \"adapter\" field; default: the base model")
+        return
     parser.add_argument("--adapter", required=adapter_required, type=existing_directory, metavar="DIR",
                         help="adapter folder written by lorakit train (or PEFT)"
                              + ("" if adapter_required else "; default: the base model alone"))
@@ -282,20 +303,76 @@ def _generate(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .inference import generate, load_for_inference
 
-    prompts = [args.prompt] if args.prompts is None else [r["prompt"] for r in load_prompts(args.prompts)]
-    loaded = load_for_inference(args.model, args.adapter)
+    single, named = _adapter_options(args.adapter)
+    if named:
+        return _generate_per_row(args, named)
+    # No adapter or one for every prompt: rows of --prompts may not name adapters.
+    prompts = [args.prompt] if args.prompts is None else [r["prompt"] for r in load_prompts(args.prompts, ())]
+    loaded = load_for_inference(args.model, single)
     if loaded.task != "causal-lm":
-        raise LoraError(f"adapter={args.adapter!r} was trained for {loaded.task!r}, which does not generate "
+        raise LoraError(f"adapter={single!r} was trained for {loaded.task!r}, which does not generate "
                         "text; use lorakit eval for a classifier")
     completions = generate(loaded.model.to(_device()), loaded.tokenizer, prompts, args.max_new_tokens,
                            args.temperature, args.seed, args.chat)
-    for prompt, completion in zip(prompts, completions):
-        if args.json:
-            print(json.dumps({"prompt": prompt, "completion": completion}))
-        else:
-            print("\n".join("> " + line for line in prompt.splitlines() or [""]))
-            print(completion + "\n")
+    _print_completions(args, prompts, [single] * len(prompts), completions, labelled=False)
     return 0
+
+
+def _adapter_options(values: list[tuple[str | None, str]] | None) -> tuple[str | None, dict[str, str]]:
+    """(the one adapter for every prompt, or None; name -> folder of the named ones) from --adapter options."""
+    values = values or []
+    single = [directory for name, directory in values if name is None]
+    named: dict[str, str] = {}
+    for name, directory in values:
+        if name in named:
+            raise LoraError(f"--adapter: the name {name!r} is given twice ({named[name]}, {directory}); "
+                            "give each adapter its own name")
+        if name is not None:
+            named[name] = directory
+    if len(single) > 1 or (single and named):
+        raise LoraError(f"--adapter {single[0]}: a folder without a name applies to every prompt, so it must be the "
+                        "only --adapter; to give prompts different adapters, name each: --adapter NAME=DIR")
+    return (single[0] if single else None), named
+
+
+def _generate_per_row(args: argparse.Namespace, named: dict[str, str]) -> int:
+    """Every row of --prompts through the adapter it names, all in one batch (AdapterCache + mixed_batch)."""
+    from .cache import AdapterCache
+    from .data import load_prompts
+    from .inference import adapter_task, generate, load_for_inference
+
+    if args.prompts is None:
+        raise LoraError('--prompt: named adapters (--adapter NAME=DIR) are for the rows of --prompts FILE.jsonl, '
+                        'each naming its own in an "adapter" field; for one prompt give --adapter DIR')
+    for name, directory in named.items():  # reads each adapter's header only
+        task, _ = adapter_task(directory)
+        if task != "causal-lm":
+            raise LoraError(f"--adapter {name!r} ({directory}) was trained for {task!r}, which does not generate "
+                            "text; use lorakit eval for a classifier")
+    records = load_prompts(args.prompts, named)
+    prompts, names = [r["prompt"] for r in records], [r["adapter"] for r in records]
+    loaded = load_for_inference(args.model, task="causal-lm")
+    model = loaded.model.to(_device())
+    cache = AdapterCache(model, capacity=max(1, len({n for n in names if n is not None})))
+    cache.register_many(named)  # loads nothing: the batch loads the adapters the rows use
+    with cache.batch(names):
+        completions = generate(model, loaded.tokenizer, prompts, args.max_new_tokens, args.temperature,
+                               args.seed, args.chat)
+    _print_completions(args, prompts, names, completions, labelled=True)
+    return 0
+
+
+def _print_completions(args, prompts: list[str], adapters: list[str | None], completions: list[str],
+                       labelled: bool) -> None:
+    """Each prompt (quoted with '> '), its completion and, if `labelled`, first its adapter's name."""
+    for prompt, adapter, completion in zip(prompts, adapters, completions):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "adapter": adapter, "completion": completion}))
+            continue
+        if labelled:
+            print(f"[{adapter or 'base model'}]")
+        print("\n".join("> " + line for line in prompt.splitlines() or [""]))
+        print(completion + "\n")
 
 
 # --- merge -----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Collection
 
 import torch
 
@@ -216,9 +217,10 @@ def _stream_problems(n_examples, batch_size, seed, rank, world_size) -> list[str
 PROMPT_EXAMPLE = '{"prompt": "Who made the heaven?"}'
 
 
-def load_prompts(path: str | os.PathLike) -> list[dict]:
+def load_prompts(path: str | os.PathLike, adapters: Collection[str] | None = None) -> list[dict]:
     """The records of a JSONL prompts file: {"prompt": str} per non-blank line, plus an optional
-    {"adapter": str | null} naming the adapter to generate that row with."""
+    {"adapter": str | null} naming the adapter to generate that row with; given `adapters`, a row
+    naming any other adapter is an error that names its line."""
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"prompts={str(path)!r}: file not found")
@@ -228,6 +230,10 @@ def load_prompts(path: str | os.PathLike) -> list[dict]:
         adapter = record.get("adapter")
         if adapter is not None and not (isinstance(adapter, str) and adapter.strip()):
             raise LoraError(f"{path}:{number}: the field 'adapter' is {adapter!r}; give an adapter name or null")
+        if adapter is not None and adapters is not None and adapter not in adapters:
+            raise LoraError(f"{path}:{number}: adapter {adapter!r} is not among the adapters given "
+                            f"{sorted(adapters)!r}; fix the name, write null for the base model, or give its "
+                            "folder with --adapter NAME=DIR")
         records.append({"prompt": prompt, "adapter": adapter})
     if not records:
         raise LoraError(f"{path}: no prompts; write one object per line, e.g. {PROMPT_EXAMPLE}")

@@ -20,6 +20,10 @@ def check_adapter_name(adapter) -> None:
             f"adapter={adapter!r}: an adapter name must be a non-empty string of letters, digits, '_' or '-', "
             "e.g. adapter='default'"
         )
+    if hasattr(nn.ParameterDict(), adapter) or hasattr(nn.ModuleDict(), adapter):
+        # Adapters are keys of ParameterDict/ModuleDict, which refuse their own attribute names.
+        raise LoraError(f"adapter={adapter!r} is the name of a torch module attribute; pick another name, "
+                        f"e.g. adapter='{adapter}_1'")
 
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -274,7 +274,9 @@ def load_adapter(
     return adapter
 
 
-def _read_config(directory: Path) -> dict:
+def check_adapter_directory(directory: str | os.PathLike) -> Path:
+    """`directory` as a Path, if it holds both adapter files; reads neither (cheap enough for hundreds)."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise LoraError(f"directory={str(directory)!r} is not a directory; pass the folder save_adapter wrote")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -285,6 +287,11 @@ def _read_config(directory: Path) -> dict:
         raise LoraError(f"{weights_path}: file not found{hint}")
     if not config_path.is_file():
         raise LoraError(f"{config_path}: file not found; an adapter directory needs {CONFIG_FILE}")
+    return directory
+
+
+def _read_config(directory: Path) -> dict:
+    config_path = check_adapter_directory(directory) / CONFIG_FILE
     try:
         raw = json.loads(config_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

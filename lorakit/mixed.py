@@ -51,7 +51,8 @@ class Routing:
         B = torch.stack([F.pad(layer.lora_B[n], (0, r_max - layer.rank(n))) for n in present])
         slot = {n: i for i, n in enumerate(present)}
         index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
-        scale = torch.tensor([layer.scaling[n] if n in slot else 0.0 for n in self.names], device=device)
+        scale = torch.tensor([layer.scaling[n] if n in slot else 0.0 for n in self.names], dtype=A.dtype,
+                             device=device)  # the adapter's dtype: float64 adapters keep a float64 scale
         p = [getattr(layer.lora_dropout[n], "p", 0.0) if n in slot else 0.0 for n in self.names]
         tables = (A, B, index, scale, torch.tensor(p, device=device))
         if not torch.is_grad_enabled():

@@ -204,3 +204,11 @@ def test_a_model_with_adapters_deep_copies(model_and_base):
     lk.set_active(clone, "b")
     assert_matches(clone, base, "b")
     assert lk.merged_adapter(model) == "c"  # the original is independent
+
+
+@pytest.mark.parametrize("name", ["half", "train", "to", "keys"])
+def test_adapter_names_that_are_torch_attributes_are_refused(name):
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(lk.LoraError, match=f"adapter='{name}' is the name of a torch module attribute"):
+        lk.inject_(model, lk.LoraConfig(targets=("0",)), name)
+    assert lk.adapters(model) == [] and isinstance(model[0], nn.Linear)

@@ -176,6 +176,60 @@ def test_generate_is_greedy_and_batching_with_left_padding_changes_nothing(lm, t
     assert alone == f"> {PROMPTS[1]}\n{batched[1]['completion']}\n\n"
 
 
+@pytest.fixture(scope="module")
+def mlp_adapter(lm):
+    """A second causal-lm adapter, on other modules (up_proj, down_proj) and random, so it changes completions."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(lm["model"])
+    lk.inject_(model, lk.LoraConfig(rank=2, alpha=4, targets=("up_proj", "down_proj")), adapter="mlp")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            layer.lora_B["mlp"].copy_(torch.randn(layer.lora_B["mlp"].shape, generator=g))
+    return lk.save_adapter(model, lm["out"].parent / "mlp", adapter="mlp")
+
+
+def test_generate_per_row_adapters_in_one_batch_equal_generating_each_alone(lm, mlp_adapter, tmp_path):
+    folders = {"kjv": lm["adapter"], "mlp": mlp_adapter}
+    rows = [{"prompt": PROMPTS[0], "adapter": "kjv"}, {"prompt": PROMPTS[1], "adapter": None},
+            {"prompt": PROMPTS[2], "adapter": "mlp"}, {"prompt": PROMPTS[1], "adapter": "mlp"},
+            {"prompt": PROMPTS[0]}]  # absent: the base
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["generate", "--model", str(lm["model"]), "--max-new-tokens", "6"]
+    named = ["--adapter", f"kjv={folders['kjv']}", "--adapter", f"mlp={folders['mlp']}", "--prompts", str(prompts_file)]
+    batched = [json.loads(line) for line in ok(common + named + ["--json"]).splitlines()]
+    assert [(r["prompt"], r["adapter"]) for r in batched] == [(row["prompt"], row.get("adapter")) for row in rows]
+    for record in batched:  # reference: the single-adapter path, one prompt at a time
+        adapter = ["--adapter", str(folders[record["adapter"]])] if record["adapter"] else []
+        alone = json.loads(ok(common + adapter + ["--prompt", record["prompt"], "--json"]))
+        assert alone["completion"] == record["completion"], record
+    assert batched[1]["completion"] != batched[3]["completion"]  # the adapter was used
+    text = ok(common + named)
+    assert text.startswith(f"[kjv]\n> {PROMPTS[0]}\n{batched[0]['completion']}\n\n"
+                           f"[base model]\n> {PROMPTS[1]}\n{batched[1]['completion']}\n\n[mlp]\n")
+
+
+def test_generate_per_row_mistakes_name_the_line_or_the_option(lm, mlp_adapter, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "the", "adapter": "mlp"}) + "\n\n"
+                            + json.dumps({"prompt": "the", "adapter": "nope"}) + "\n")
+    named, single = f"mlp={mlp_adapter}", str(mlp_adapter)
+    cases = [
+        (["--adapter", named, "--prompts", str(prompts_file)], [f"{prompts_file}:3:", "'nope'", "['mlp']"]),
+        (["--adapter", single, "--prompts", str(prompts_file)], [f"{prompts_file}:1:", "'mlp'", "NAME=DIR"]),
+        (["--prompts", str(prompts_file)], [f"{prompts_file}:1:", "'mlp'"]),
+        (["--adapter", single, "--adapter", named, "--prompts", str(prompts_file)], ["only --adapter", "NAME=DIR"]),
+        (["--adapter", named, "--adapter", f"mlp={lm['adapter']}", "--prompts", str(prompts_file)],
+         ["'mlp' is given twice"]),
+        (["--adapter", named, "--prompt", "the"], ["--prompt:", "--prompts FILE.jsonl"]),
+    ]
+    for extra, fragments in cases:
+        code, out, err = run(["generate", "--model", str(lm["model"])] + extra)
+        assert code == 2 and not out and "Traceback" not in err, err
+        for fragment in fragments:
+            assert fragment in err, (extra, err)
+
+
 def test_prompts_go_through_the_chat_template_unless_no_chat(lm):
     tokenizer = transformers.AutoTokenizer.from_pretrained(lm["model"])
     assert prompt_texts(tokenizer, PROMPTS) == PROMPTS  # no template: as they are
@@ -263,6 +317,11 @@ def test_classify_adapter_brings_its_labels_and_head_to_eval(tmp_path):
     assert result["accuracy"] == (logits.argmax(-1) == labels).float().mean().item()
     code, _, err = run(["generate", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--prompt", "x"])
     assert code == 2 and "classify" in err
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "x", "adapter": "cls"}) + "\n")
+    code, _, err = run(["generate", "--model", str(model_dir), "--adapter", f"cls={out / 'adapter'}",
+                        "--prompts", str(prompts_file)])
+    assert code == 2 and "'cls'" in err and "classify" in err
 
 
 # --- bad input -------------------------------------------------------------------------------------------
@@ -279,6 +338,8 @@ def test_classify_adapter_brings_its_labels_and_head_to_eval(tmp_path):
     (["eval", "--max-length", "1"], "--max-length"),
     (["generate", "--prompt", "the", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "--prompts", "no/such/file.jsonl"], "--prompts"),
+    (["generate", "--prompt", "the", "--adapter", "no/such/dir"], "--adapter"),
+    (["generate", "--prompt", "the", "--adapter", "sql=no/such/dir"], "--adapter"),
     (["inspect", "no/such/dir"], "ADAPTER"),
 ])
 def test_bad_input_exits_2_with_a_message_naming_the_option(lm, argv, option):

@@ -1,0 +1,172 @@
+"""An in-memory LRU cache of adapters for one frozen base that serves many tasks.
+
+    cache = lk.AdapterCache(model, capacity=8)
+    cache.register_many({"sql": "adapters/sql", "chat": "adapters/chat"})  # hundreds: loads nothing
+    with cache.batch(["sql", "chat", None, "sql"]):  # loads what is missing, then one mixed batch
+        out = model(input_ids)                      # example i through adapter names[i]; None = base
+
+At most `capacity` adapters are resident on the model; loading one more deletes the least
+recently used. Adapters in use (named by the current call, or by an enclosing `batch`) are
+never evicted.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from torch import nn
+
+from .adapters import adapters, delete_adapter, set_active
+from .errors import LoraError, problems_error
+from .inject import active_adapter, check_adapter_name
+from .io import check_adapter_directory, load_adapter
+from .mixed import mixed_batch
+
+SHOWN_NAMES = 20  # an error lists at most this many registered names
+
+
+class AdapterCache:
+    """Registered adapter folders by name; the most recently used `capacity` of them loaded on `model`."""
+
+    def __init__(self, model: nn.Module, capacity: int = 8) -> None:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise LoraError(f"capacity={capacity!r}: must be a positive integer, the most adapters kept loaded, e.g. 8")
+        self.model = model
+        self.capacity = capacity
+        self._directories: dict[str, Path] = {}
+        self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._in_use: Counter[str] = Counter()  # names held by open batch() blocks
+        self._load_times: dict[str, float] = {}
+        self.hits = self.misses = self.evictions = 0
+
+    # --- registering: checks folders, loads nothing --------------------------------------------------
+    def register(self, name: str, directory: str | os.PathLike) -> None:
+        """Make adapter folder `directory` available as `name`; it is loaded when first used."""
+        self.register_many({name: directory})
+
+    def register_many(self, mapping: Mapping[str, str | os.PathLike]) -> None:
+        """register() each name -> folder; all or none: every problem is reported together."""
+        if not isinstance(mapping, Mapping):
+            raise LoraError(f"mapping={type(mapping).__name__}: give a dict of adapter name -> adapter folder")
+        problems, checked, on_model = [], {}, set(adapters(self.model))
+        for name, directory in mapping.items():
+            try:
+                check_adapter_name(name)
+                checked[name] = check_adapter_directory(directory)
+            except LoraError as err:
+                problems.append(f"{name!r}: {err}")
+                continue
+            if name not in self._directories and name in on_model:
+                problems.append(f"{name!r}: the model already has an adapter {name!r} that this cache did not load; "
+                                f"register another name, or lk.delete_adapter(model, {name!r}) first")
+            elif name in self._in_use and self._directories[name] != checked[name]:
+                problems.append(f"{name!r}: in use by an open cache.batch(); register its new folder after the block")
+        if problems:
+            raise problems_error("register", problems)
+        for name, directory in checked.items():
+            if self._directories.get(name, directory) != directory:
+                self._forget(name)  # a new folder for an old name: the next use loads the new one
+            self._directories[name] = directory
+
+    def registered(self) -> list[str]:
+        """Every registered name, in registration order."""
+        return list(self._directories)
+
+    # --- loading and evicting ------------------------------------------------------------------------
+    def ensure(self, names: Sequence[str | None]) -> None:
+        """Load every named adapter not yet resident (None: the base, nothing to load), evicting the least
+        recently used ones not in use; the named adapters become the most recently used, in order."""
+        needed = self._check_names(names)
+        on_model = set(adapters(self.model))
+        for name in [n for n in self._resident if n not in on_model]:  # deleted behind our back
+            del self._resident[name]
+        for name in needed:
+            if name in self._resident:
+                self.hits += 1
+            else:
+                self.misses += 1
+                self._make_room(keep=set(needed) | set(self._in_use))
+                self._load(name)
+            self._resident.move_to_end(name)
+
+    @contextmanager
+    def batch(self, names: Sequence[str | None]) -> Iterator[nn.Module]:
+        """ensure(names), then lk.mixed_batch(model, names): example i of the batch through adapter names[i].
+
+        The named adapters stay loaded (are not evicted) until the block ends.
+        """
+        self.ensure(names)
+        held = Counter(n for n in dict.fromkeys(names) if n is not None)
+        self._in_use.update(held)
+        try:
+            with mixed_batch(self.model, names) as model:
+                yield model
+        finally:
+            self._in_use.subtract(held)
+            self._in_use = +self._in_use  # drop zero counts
+
+    def loaded(self) -> list[str]:
+        """The resident adapters, least recently used first."""
+        return list(self._resident)
+
+    @property
+    def load_times(self) -> dict[str, float]:
+        """Seconds the latest load of each adapter took (adapters never loaded are absent)."""
+        return dict(self._load_times)
+
+    def stats(self) -> dict:
+        """Counters for monitoring: hits, misses, evictions, what is resident and the load times."""
+        return {"capacity": self.capacity, "registered": len(self._directories), "resident": self.loaded(),
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "load_seconds": self.load_times}
+
+    def _check_names(self, names: Sequence[str | None]) -> list[str]:
+        """The distinct adapter names of a call, in first-use order, once all are known and fit."""
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise LoraError(f"names={names!r}: give a list with one adapter name (or None for the base) per example")
+        unknown = sorted({n for n in names if n is not None and n not in self._directories}, key=str)
+        if unknown:
+            raise LoraError(f"names: unknown adapter(s) {unknown!r}; registered: {self._shown_names()}. "
+                            "Register a name first with cache.register(name, directory)")
+        needed = [n for n in dict.fromkeys(names) if n is not None]
+        pinned = set(needed) | set(self._in_use)
+        if len(pinned) > self.capacity:
+            held = f", {len(set(self._in_use) - set(needed))} more held by an open batch()" if self._in_use else ""
+            raise LoraError(f"capacity={self.capacity}: this call needs {len(needed)} different adapters at once"
+                            f"{held}; use AdapterCache(model, capacity={len(pinned)}) or more, or split the batch")
+        return needed
+
+    def _shown_names(self) -> str:
+        names = list(self._directories)
+        if not names:
+            return "none"
+        more = f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
+        return ", ".join(names[:SHOWN_NAMES]) + more
+
+    def _make_room(self, keep: set[str]) -> None:
+        """Evict least recently used adapters outside `keep` until one more fits."""
+        while len(self._resident) >= self.capacity:
+            victim = next(n for n in self._resident if n not in keep)  # exists: _check_names bounded keep
+            self._forget(victim)
+            self.evictions += 1
+
+    def _load(self, name: str) -> None:
+        """lk.load_adapter as `name`, timed; the model's active adapter is left as it was."""
+        active = active_adapter(self.model)
+        start = time.perf_counter()
+        load_adapter(self.model, self._directories[name], adapter=name)
+        self._load_times[name] = time.perf_counter() - start
+        self._resident[name] = None
+        if active != active_adapter(self.model):  # the first adapter injected becomes active
+            set_active(self.model, active)
+
+    def _forget(self, name: str) -> None:
+        """Delete `name` from the model if resident."""
+        if name in self._resident:
+            del self._resident[name]
+            if name in adapters(self.model):
+                delete_adapter(self.model, name)
