@@ -31,30 +31,91 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, groups: int = 1
 
 
 def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * (x @ A.T) @ B.T without forming B @ A. x: (..., d_in) -> (..., d_out)."""
-    return ((x.to(A.dtype) @ A.t()) * scale) @ B.t()
+    """scale * (x @ A.T) @ B.T without forming B @ A. x: (..., d_in) -> (..., d_out).
+
+    Computed in A's dtype (the autocast dtype under autocast). When a gradient is wanted,
+    _LowRankLinear keeps only x and the small hidden x @ A.T for the backward pass.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+        return _LowRankLinear.apply(x, A, B, scale)
+    return _lowrank_linear_forward(x, A, B, scale)[2]
+
+
+def _compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else A.dtype
+
+
+def _lowrank_linear_forward(x, A, B, scale):
+    """(x in the compute dtype, hidden = x @ A.T (..., r), scale * hidden @ B.T)."""
+    dtype = _compute_dtype(x, A)
+    x = x.to(dtype)
+    hidden = x @ A.to(dtype).t()
+    return x, hidden, (hidden * scale) @ B.to(dtype).t()
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """lowrank_linear with a lean backward. Saved: x (for dA) and hidden (N, r) (for dB); A and B
+    are parameters, alive anyway. Only the gradients some input needs are computed.
+
+        g_hidden = scale * (g @ B);  dx = g_hidden @ A;  dA = g_hidden.T @ x;  dB = g.T @ (scale * hidden)
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, scale):
+        x_c, hidden, out = _lowrank_linear_forward(x, A, B, scale)
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(x_c if need_A else None, hidden if need_B else None, A, B)
+        ctx.scale, ctx.dtype, ctx.x_dtype = scale, x_c.dtype, x.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, hidden, A, B = ctx.saved_tensors
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        g = grad.to(ctx.dtype).reshape(-1, grad.shape[-1])  # (N, d_out)
+        grad_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = (g.t() @ (hidden.reshape(-1, hidden.shape[-1]) * ctx.scale)).to(B.dtype)  # (d_out, r)
+        if need_x or need_A:
+            g_hidden = (g @ B.to(ctx.dtype)) * ctx.scale  # (N, r)
+            if need_A:
+                grad_A = (g_hidden.t() @ x.reshape(-1, x.shape[-1])).to(A.dtype)  # (r, d_in)
+            if need_x:
+                grad_x = (g_hidden @ A.to(ctx.dtype)).reshape(*grad.shape[:-1], A.shape[1]).to(ctx.x_dtype)
+        return grad_x, grad_A, grad_B, None
 
 
 def lowrank_linear_routed(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
-                          scale: torch.Tensor) -> torch.Tensor:
+                          scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Each example through its own adapter in two batched matmuls (no loop over adapters).
 
     x: (N, ..., d_in); A: (K, r, d_in) and B: (K, d_out, r), adapters stacked (smaller ranks
     zero-padded); index: (N,) the adapter slot of each example; scale: (N,) its scale (0: none).
-    Returns (N, ..., d_out) = scale_n * (x_n @ A[index_n].T) @ B[index_n].T.
+    Returns (N, ..., d_out) = scale_n * (x_n @ A[index_n].T) @ B[index_n].T, or, given `out`
+    (contiguous, (N, ..., d_out), A's dtype), adds that into `out` in place and returns it.
     """
     n, d_in = x.shape[0], x.shape[-1]
     tokens = x.to(A.dtype).reshape(n, -1, d_in)  # (N, T, d_in)
-    hidden = torch.bmm(tokens, A[index].transpose(1, 2)) * scale.to(A.dtype)[:, None, None]  # (N, T, r)
-    out = torch.bmm(hidden, B[index].transpose(1, 2))  # (N, T, d_out)
-    return out.reshape(*x.shape[:-1], B.shape[1])
+    # index_select, not A[index]: advanced indexing copies these slices ~5x slower on CPU
+    hidden = torch.bmm(tokens, A.index_select(0, index).transpose(1, 2)) * scale.to(A.dtype)[:, None, None]  # (N, T, r)
+    return _up_projection(hidden, B.index_select(0, index), x.shape[:-1], out)
+
+
+def _up_projection(hidden: torch.Tensor, B: torch.Tensor, lead: torch.Size, out: torch.Tensor | None) -> torch.Tensor:
+    """hidden (N, T, r) @ B (N, d_out, r).T -> (*lead, d_out); into `out` in place when given."""
+    if out is not None:  # one fused pass over the activation instead of a new tensor plus an add
+        out.view(hidden.shape[0], -1, B.shape[1]).baddbmm_(hidden, B.transpose(1, 2))
+        return out
+    return torch.bmm(hidden, B.transpose(1, 2)).reshape(*lead, B.shape[1])  # (N, T, d_out)
 
 
 def lowrank_embedding_routed(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
-                             scale: torch.Tensor) -> torch.Tensor:
-    """Per-example adapters for an embedding: A: (K, r, num_embeddings), B: (K, dim, r); ids: (N, ...)."""
+                             scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example adapters for an embedding: A: (K, r, num_embeddings), B: (K, dim, r); ids: (N, ...).
+    `out` as for lowrank_linear_routed."""
     n = ids.shape[0]
     flat = ids.reshape(n, -1)  # (N, T)
     hidden = A.transpose(1, 2)[index[:, None], flat] * scale.to(A.dtype)[:, None, None]  # (N, T, r)
-    out = torch.bmm(hidden, B[index].transpose(1, 2))  # (N, T, dim)
-    return out.reshape(*ids.shape, B.shape[1])
+    return _up_projection(hidden, B.index_select(0, index), ids.shape, out)

@@ -42,20 +42,23 @@ class Routing:
         if not present:
             return None
         params = [layer.lora_A[n] for n in present] + [layer.lora_B[n] for n in present]
-        versions = tuple(p._version for p in params)
+        # Reused without grad while no weight changed in place (inference tensors keep no versions).
+        cacheable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
+        versions = tuple(p._version for p in params) if cacheable else None
         cached = self._cache.get(id(layer))
-        if cached is not None and cached[0] == versions and not torch.is_grad_enabled():
+        if cacheable and cached is not None and cached[0] == versions:
             return cached[1]
         r_max = max(layer.rank(n) for n in present)
-        A = torch.stack([F.pad(layer.lora_A[n], (0, 0, 0, r_max - layer.rank(n))) for n in present])
-        B = torch.stack([F.pad(layer.lora_B[n], (0, r_max - layer.rank(n))) for n in present])
+        pad = {n: r_max - layer.rank(n) for n in present}  # padding only where needed: F.pad copies
+        A = torch.stack([F.pad(layer.lora_A[n], (0, 0, 0, pad[n])) if pad[n] else layer.lora_A[n] for n in present])
+        B = torch.stack([F.pad(layer.lora_B[n], (0, pad[n])) if pad[n] else layer.lora_B[n] for n in present])
         slot = {n: i for i, n in enumerate(present)}
         index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
         scale = torch.tensor([layer.scaling[n] if n in slot else 0.0 for n in self.names], dtype=A.dtype,
                              device=device)  # the adapter's dtype: float64 adapters keep a float64 scale
         p = [getattr(layer.lora_dropout[n], "p", 0.0) if n in slot else 0.0 for n in self.names]
         tables = (A, B, index, scale, torch.tensor(p, device=device))
-        if not torch.is_grad_enabled():
+        if cacheable:
             self._cache[id(layer)] = (versions, tables)
         return tables
 
@@ -70,6 +73,10 @@ class Routing:
             shape = (-1,) + (1,) * (x.dim() - 1)
             keep = 1.0 - p.view(shape)
             x = x * (torch.rand_like(x) < keep) / keep
+        if not torch.is_grad_enabled() and result.dtype == A.dtype and result.is_contiguous():
+            # Inference: add into the base output in place. A new activation-sized tensor plus a
+            # separate add cost 2-25% of a GPT-2 Conv1D's own forward on CPU (bench/RESULTS.md).
+            return layer.lowrank_routed(x, A, B, index, scale, out=result)
         return result + layer.lowrank_routed(x, A, B, index, scale).to(result.dtype)
 
     def apply_saved(self, wrapper: ModuleToSave, args: tuple, kwargs: dict):

@@ -25,6 +25,7 @@ from .distributed import World, all_reduce_sum, barrier, close_world, init_world
 from .errors import LoraError, problems_error
 from .inject import inject_
 from .io import save_adapter
+from .loss import summed_causal_lm_loss
 from .params import parameter_counts
 from .zoo import classifier_head, load_task_model, load_tokenizer
 
@@ -364,17 +365,18 @@ class _Run:
 
 
 def summed_loss(model: nn.Module, batch: dict, task: str, device: torch.device,
-                bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss summed over the batch, logits): over target tokens for causal-lm, examples for classify."""
+                bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss summed over the batch, logits): over target tokens for causal-lm, examples for classify.
+
+    causal-lm returns no logits: its loss is computed by chunks that never form them (lorakit.loss).
+    """
     batch = {k: v.to(device) for k, v in batch.items()}
+    if task == "causal-lm":
+        return summed_causal_lm_loss(model, batch, bf16), None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits.float()
-    if task == "classify":
-        return F.cross_entropy(logits, batch["labels"], reduction="sum"), logits
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
-    return loss, logits
+    return F.cross_entropy(logits, batch["labels"], reduction="sum"), logits
 
 
 @torch.no_grad()

@@ -98,3 +98,99 @@ def test_lowrank_linear_equals_x_times_delta_transposed():
     torch.testing.assert_close(out, x @ reference.update(A, B, 0.25).T, rtol=1e-5, atol=1e-6)
     # Low-precision inputs are lifted to the factors' dtype before the product.
     assert lowrank_linear(x.bfloat16(), A, B, 0.25).dtype == torch.float32
+
+
+# --- the lean backward of lowrank_linear (_LowRankLinear) --------------------------------------
+def _plain_lowrank(x, A, B, scale):
+    """The formula lowrank_linear differentiates by hand, left to autograd."""
+    return ((x.to(A.dtype) @ A.t()) * scale) @ B.t()
+
+
+def _leaves(seed, dtype, needs=(True, True, True), shape=(2, 5, 6), rank=3, d_out=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    A = torch.randn(rank, shape[-1], generator=g, dtype=dtype)
+    B = torch.randn(d_out, rank, generator=g, dtype=dtype)
+    return [t.requires_grad_(need) for t, need in zip((x, A, B), needs)]
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False),
+                                   (False, False, True), (True, True, False)])
+def test_lowrank_linear_gradcheck_float64(needs):
+    x, A, B = _leaves(6, torch.float64, needs)
+    assert torch.autograd.gradcheck(lambda *t: lowrank_linear(*t, 0.7), (x, A, B))
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (2, 5, 6), (2, 3, 4, 6)])
+def test_lowrank_linear_gradients_equal_the_plain_formula(shape):
+    x, A, B = _leaves(7, torch.float32, shape=shape)
+    grad = torch.randn(*shape[:-1], 4, generator=torch.Generator().manual_seed(8))
+    ours = torch.autograd.grad(lowrank_linear(x, A, B, 1.5), (x, A, B), grad)
+    plain = torch.autograd.grad(_plain_lowrank(x, A, B, 1.5), (x, A, B), grad)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_linear_under_bfloat16_autocast_matches_the_plain_formula():
+    x, A, B = _leaves(9, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, plain = lowrank_linear(x, A, B, 2.0), _plain_lowrank(x, A, B, 2.0)
+    assert ours.dtype == plain.dtype == torch.bfloat16
+    assert torch.equal(ours, plain)  # the same three bfloat16 operations
+    grad = torch.ones_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (x, A, B), grad), torch.autograd.grad(plain, (x, A, B), grad)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def _saved_tensors(fn):
+    """Storages autograd keeps for backward while `fn()` runs: {data_ptr: (shape, nbytes)}."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_lowrank_linear_saves_only_the_input_and_the_small_hidden():
+    x, A, B = _leaves(10, torch.float32, needs=(False, True, True), shape=(4, 16, 32), rank=2, d_out=24)
+    _, saved = _saved_tensors(lambda: lowrank_linear(x, A, B, 0.5))
+    params = {A.untyped_storage().data_ptr(), B.untyped_storage().data_ptr()}
+    activations = sorted(shape for ptr, (shape, _) in saved.items() if ptr not in params)
+    assert activations == [(4, 16, 2), (4, 16, 32)]  # hidden = x @ A.T, and x itself
+    assert x.untyped_storage().data_ptr() in saved  # x as it is, not a copy
+
+
+def test_lowrank_linear_without_gradients_saves_nothing():
+    x, A, B = _leaves(11, torch.float32, needs=(False, False, False))
+    out, saved = _saved_tensors(lambda: lowrank_linear(x, A, B, 0.5))
+    assert saved == {} and not out.requires_grad
+    torch.testing.assert_close(out, _plain_lowrank(x, A, B, 0.5), rtol=0, atol=0)
+
+
+def test_lora_layer_with_dropout_zero_runs_no_dropout_in_training():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24))
+    lk.inject_(model, lk.LoraConfig(rank=2, targets=("0",), dropout=0.0))
+    model.train()
+    x = torch.randn(4, 16, 32)
+    with Ops() as ops:
+        model(x).sum().backward()
+    assert not [n for n in ops.names if "dropout" in n or "bernoulli" in n]
+    _, saved = _saved_tensors(lambda: model(x))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert sum(n for ptr, (_, n) in saved.items() if ptr not in params) == x.numel() * 4 + 4 * 16 * 2 * 4  # x, hidden

@@ -547,3 +547,19 @@ def test_nesting_restores_the_outer_routing():
                 pass
         assert torch.equal(forward(model, ids), outer_out)
     assert all(r is None for r in _routings(model))
+
+
+def test_adapters_created_under_inference_mode_can_be_routed():
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(6, 6))
+        lk.inject_(model, lk.LoraConfig(rank=2, targets=("0",)), "a")
+        lk.inject_(model, lk.LoraConfig(rank=2, targets=("0",)), "b")
+        for _, layer in lk.lora_layers(model):
+            layer.lora_B["a"].normal_()
+        x = torch.randn(2, 6)
+        with lk.mixed_batch(model, ["a", "b"]):
+            mixed = model(x)
+        with lk.use(model, "a"):
+            alone = model(x[:1])
+    torch.testing.assert_close(mixed[:1], alone)
