@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test quick clean
+.PHONY: install demo test quick bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: install
 
 quick: install
 	$(PY) -m pytest -q -m "not slow"
+
+# base vs lorakit vs PEFT vs full fine-tuning (about 15 min); writes bench/RESULTS.md and bench/results/perf.*
+# `make bench BENCH_ARGS=--quick` is a smoke run that leaves RESULTS.md alone.
+bench: install
+	$(PY) bench/perf.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

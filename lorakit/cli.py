@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, generate, merge, inspect.
+"""The `lorakit` command line: train, eval, generate, merge, inspect, plan.
 
 `lorakit train`'s options are generated from TrainConfig's fields (help, choices and defaults
 included), so the command line and the library cannot drift apart. Errors a user can cause
@@ -24,6 +24,7 @@ EXAMPLES = {
     "generate": 'lorakit generate --model smollm2-135m --adapter out/run/adapter --prompt "Who made the heaven?"',
     "merge": "lorakit merge --model smollm2-135m --adapter out/run/adapter --out out/merged",
     "inspect": "lorakit inspect out/run/adapter",
+    "plan": "lorakit plan --model smollm2-135m --rank 8 --targets q_proj,v_proj --batch 8 --seq 128",
 }
 
 
@@ -105,10 +106,11 @@ def train_default(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import TASKS
+    from .plan import PlanConfig
     from .train import TrainConfig
 
     parser = argparse.ArgumentParser(
-        prog="lorakit", description="Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect.",
+        prog="lorakit", description="Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect, plan.",
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
@@ -167,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", type=existing_directory, metavar="ADAPTER",
                          help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    planner = command("plan", "predict trainable parameters, adapter file size and peak training memory, LoRA "
+                              "and full fine-tuning (builds the model without its weights)", _plan)
+    add_dataclass_options(planner, PlanConfig)
+    planner.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
 
 
@@ -421,4 +428,27 @@ def _inspect(args: argparse.Namespace) -> int:
                  f"({', '.join(info['dtypes'])})")
     lines.append("files:        " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
     print("\n".join(lines))
+    return 0
+
+
+# --- plan ------------------------------------------------------------------------------------------------
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import PlanConfig
+
+    cfg = PlanConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PlanConfig)})
+    result = cfg.run()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    lora, full = result["lora"], result["full"]
+    precision = cfg.dtype + (", bf16 autocast" if cfg.bf16 else "") + (", grad checkpointing" if cfg.grad_checkpointing else "")
+    print(f"{cfg.model}: {result['total_parameters']:,} parameters; batch {cfg.batch} x {cfg.seq} tokens, {precision}")
+    print(f"LoRA rank {cfg.rank} on {', '.join(cfg.targets)}: {lora['trainable_parameters']:,} trainable "
+          f"({100 * lora['trainable_parameters'] / result['total_parameters']:.2f}%), "
+          f"adapter file {_size(lora['adapter_file_bytes'])}")
+    print(f"{'peak training memory (predicted)':34} {'LoRA':>10} {'full':>10}")
+    rows = (("weights", "weights_bytes"), ("gradients", "gradient_bytes"), ("AdamW states", "optimizer_state_bytes"),
+            ("activations (end of forward)", "activation_bytes"), ("peak", "peak_bytes"))
+    for label, key in rows:
+        print(f"  {label:32} {_size(lora[key]):>10} {_size(full[key]):>10}")
     return 0

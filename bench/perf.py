@@ -1,0 +1,620 @@
+"""Benchmark: base vs lorakit vs PEFT vs full fine-tuning, on GPT-2 small (random init) and SmolLM2-135M.
+
+    .venv/bin/python bench/perf.py            # full run (`make bench`): about 15 minutes on 2 CPU cores
+    .venv/bin/python bench/perf.py --quick    # smoke run, about 4 minutes: fewer repeats; RESULTS.md untouched
+
+Per model, with the same rank-8 adapter (alpha 16, no dropout) on c_attn (GPT-2) or q_proj/v_proj
+(SmolLM2), and the same random token batch for every variant:
+
+1. inference latency: base, lorakit unmerged / merged, PEFT unmerged / merged (interleaved rounds,
+   the order rotating each round; ratios are per round to that round's base, then the median);
+2. merge and unmerge time; adapter save, load-and-activate (onto the model in memory, and onto a
+   plain model that must be wrapped first) and switch time, lorakit and PEFT interleaved;
+3. merge precision on a bfloat16 copy: merged-vs-unmerged logits, and max |W - W0| of the adapted
+   weights after 1 and after 100 merge/unmerge cycles (lk.merge_/unmerge_ vs PEFT's
+   merge_adapter/unmerge_adapter);
+4. training step time and peak memory: full fine-tuning, PEFT and lorakit, each configuration in a
+   fresh process of its own (bench/perf_step.py); the three take turns one step at a time, the
+   order rotating each round, and ratios are taken per round.
+
+Every measurement goes to bench/results/perf.jsonl (tagged with the run id), the ratio chart to
+bench/results/perf.png, the profiles to bench/results/perf_profile.txt, and the tables with
+their verdicts to the "Performance" section of bench/RESULTS.md (bench/perf_report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+
+import lorakit as lk
+import perf_models as pm
+import perf_report
+from perf_step import VARIANTS as TRAIN_VARIANTS, StepSpec, lockstep
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+INFER_VARIANTS = ("base", "lorakit", "lorakit merged", "peft", "peft merged")
+LIBRARIES = ("lorakit", "peft")
+TOL = dict(rtol=1e-4, atol=1e-4)  # float32 logits; the libraries order their sums differently
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model and the shapes it is measured at."""
+
+    model: str
+    batch: int = 4  # inference, I/O and merge: batch x seq random tokens
+    seq: int = 128
+    train_batch: int = 4
+    train_seq: int = 128
+    precision_batch: int = 1  # the bfloat16 merged-vs-unmerged logits check
+    train_warmup: int = 2  # rounds of one step per training configuration, untimed (AdamW allocates its state)
+    train_steps: int = 6  # timed rounds
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One benchmark run."""
+
+    cases: tuple[Case, ...] = (Case("gpt2-small", train_steps=10), Case("smollm2-135m"))
+    rank: int = 8
+    alpha: float = 16.0
+    infer_repeats: int = 11
+    merge_repeats: int = 7
+    io_repeats: int = 9
+    switch_repeats: int = 41
+    cycles: int = 100
+    threads: int = 2
+    isolate: bool = True  # each training configuration in its own process (False: in this one; tests)
+    profile: bool = True
+    mode: str = "full"
+    label: str = ""  # free text kept with the run, e.g. what else the machine was running
+    out: Path = RESULTS / "perf.jsonl"
+    plot: Path | None = RESULTS / "perf.png"
+    profile_out: Path | None = RESULTS / "perf_profile.txt"
+    results_md: Path | None = BENCH / "RESULTS.md"
+
+
+# --- timing ----------------------------------------------------------------------------------------
+@dataclass
+class Op:
+    """A timed call, with untimed set-up before and clean-up after it."""
+
+    call: Callable
+    setup: Callable = lambda: None
+    teardown: Callable = lambda: None
+
+
+def time_interleaved(ops: dict[str, Op], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call: `repeats` rounds of every op, the order rotating each round."""
+    order = list(ops)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for round_ in range(repeats):
+        shift = round_ % len(order)
+        for name in order[shift:] + order[:shift]:
+            op = ops[name]
+            op.setup()
+            start = time.perf_counter()
+            op.call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+            op.teardown()
+    return times
+
+
+def ratio_stats(values: list[float], references: list[float]) -> dict[str, float]:
+    """Median, min and max of the per-round ratios values[i] / references[i]."""
+    ratios = [v / r for v, r in zip(values, references)]
+    return {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def summarise(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
+    """Per name: median ms, the per-round ratio to `reference`, and the ratio of best times."""
+    return {name: {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
+                   **ratio_stats(ms, times[reference]), "best": min(ms) / min(times[reference])}
+            for name, ms in times.items()}
+
+
+# --- the models in this process ----------------------------------------------------------------------
+class Merged:
+    """A model's merge state, changed only when it must be (PEFT warns on a repeated merge)."""
+
+    def __init__(self, merge: Callable, unmerge: Callable) -> None:
+        self._merge, self._unmerge, self.merged = merge, unmerge, False
+
+    def set(self, merged: bool) -> None:
+        if merged != self.merged:
+            (self._merge if merged else self._unmerge)()
+            self.merged = merged
+
+
+def lorakit_state(model) -> Merged:
+    return Merged(lambda: lk.merge_(model), lambda: lk.unmerge_(model))
+
+
+def peft_state(model) -> Merged:
+    return Merged(model.merge_adapter, model.unmerge_adapter)
+
+
+def check(base, lorakit_model, peft_model, states: dict[str, Merged], ids: torch.Tensor) -> dict:
+    """lorakit == PEFT, merged == unmerged (float32), and the adapter visibly changes the logits."""
+    with torch.inference_mode():
+        base_out = base(ids).logits
+        outs = {}
+        for library, model in (("lorakit", lorakit_model), ("peft", peft_model)):
+            for merged in (False, True):
+                states[library].set(merged)
+                outs[library, merged] = model(input_ids=ids).logits
+            states[library].set(False)
+    pairs = {"lorakit_vs_peft": (outs["lorakit", False], outs["peft", False]),
+             "lorakit_merged_vs_unmerged": (outs["lorakit", True], outs["lorakit", False]),
+             "peft_merged_vs_unmerged": (outs["peft", True], outs["peft", False])}
+    result = {name: (a - b).abs().max().item() for name, (a, b) in pairs.items()}
+    result["adapter_effect"] = (outs["lorakit", False] - base_out).abs().max().item()
+    problems = [name for name, (a, b) in pairs.items() if not torch.allclose(a, b, **TOL)]
+    if result["adapter_effect"] < 100 * TOL["atol"]:
+        problems.append(f"the adapter moves the logits by only {result['adapter_effect']:.2e}")
+    return {**result, "passed": not problems, "problems": problems}
+
+
+def inference(base, models: dict, states: dict[str, Merged], ids: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Forward latency of the five variants, merge state set (untimed) before each call."""
+    def forward(library: str, merged: bool) -> Op:
+        model = models[library]
+        return Op(lambda: model(input_ids=ids).logits, setup=lambda: states[library].set(merged))
+
+    ops = {"base": Op(lambda: base(input_ids=ids).logits),
+           "lorakit": forward("lorakit", False), "lorakit merged": forward("lorakit", True),
+           "peft": forward("peft", False), "peft merged": forward("peft", True)}
+    with torch.inference_mode():
+        times = time_interleaved(ops, repeats)
+    for state in states.values():
+        state.set(False)
+    return times
+
+
+def merge_times(states: dict[str, Merged], repeats: int) -> dict[str, list[float]]:
+    """Merge and unmerge of the whole model (every adapted layer), each library in turn."""
+    ops = {}
+    for library, state in states.items():
+        ops[f"{library} merge"] = Op(lambda s=state: s.set(True), setup=lambda s=state: s.set(False))
+        ops[f"{library} unmerge"] = Op(lambda s=state: s.set(False), setup=lambda s=state: s.set(True))
+    with torch.no_grad():
+        times = time_interleaved(ops, repeats)
+        for state in states.values():
+            state.set(False)
+    return times
+
+
+def io_times(base, lorakit_model, peft_model, tmp: Path, settings: Settings) -> dict[str, list[float]]:
+    """Save, load-and-activate (warm: layers already wrapped; cold: onto a plain model) and switch."""
+    import peft
+
+    lk_dir, peft_dir = tmp / "lorakit", tmp / "peft"
+    lk.save_adapter(lorakit_model, lk_dir)
+    peft_model.save_pretrained(peft_dir)
+    lk.load_adapter(lorakit_model, lk_dir, adapter="other")  # a second resident adapter to switch to
+    peft_model.load_adapter(peft_dir, adapter_name="other")
+    plain = copy.deepcopy(base)
+    holder = {}
+
+    def lk_load():
+        lk.load_adapter(lorakit_model, lk_dir, adapter="new")
+        lk.set_active(lorakit_model, "new")
+
+    def lk_unload():
+        lk.set_active(lorakit_model, "default")
+        lk.delete_adapter(lorakit_model, "new")
+
+    def peft_load():
+        peft_model.load_adapter(peft_dir, adapter_name="new")
+        peft_model.set_adapter("new")
+
+    def peft_unload():
+        peft_model.set_adapter("default")
+        peft_model.delete_adapter("new")
+
+    def lk_cold():
+        lk.load_adapter(plain, lk_dir)
+        lk.set_active(plain, "default")
+
+    def peft_cold():
+        holder["peft"] = peft.PeftModel.from_pretrained(plain, peft_dir)
+
+    ops = {
+        "lorakit save": Op(lambda: lk.save_adapter(lorakit_model, tmp / "lk_save")),
+        "peft save": Op(lambda: peft_model.save_pretrained(tmp / "peft_save")),
+        "lorakit load": Op(lk_load, teardown=lk_unload),
+        "peft load": Op(peft_load, teardown=peft_unload),
+        "lorakit cold load": Op(lk_cold, teardown=lambda: lk.unload_(plain, merge=False)),
+        "peft cold load": Op(peft_cold, teardown=lambda: holder.pop("peft").unload()),
+    }
+    times = time_interleaved(ops, settings.io_repeats)
+    switches = {"lorakit switch": Op(lambda: _lk_switch(lorakit_model)), "peft switch": Op(lambda: _peft_switch(peft_model))}
+    times.update(time_interleaved(switches, settings.switch_repeats))
+    lk.set_active(lorakit_model, "default")
+    lk.delete_adapter(lorakit_model, "other")
+    peft_model.set_adapter("default")
+    peft_model.delete_adapter("other")
+    return times
+
+
+def _lk_switch(model) -> None:
+    lk.set_active(model, "other" if lk.active_adapter(model) == "default" else "default")
+
+
+def _peft_switch(model) -> None:
+    model.set_adapter("other" if model.active_adapter == "default" else "default")
+
+
+# --- bfloat16 merge precision ----------------------------------------------------------------------------
+def precision(base, adapter_dirs: dict[str, Path], reference_logits: torch.Tensor, ids: torch.Tensor,
+              cycles: int) -> dict[str, dict]:
+    """Per library, on a bfloat16 copy of `base` with the same adapter: merged-vs-unmerged logits,
+    and the drift of the adapted weights from W0 after 1 and after `cycles` merge/unmerge cycles."""
+    import peft
+
+    results = {}
+    for library in LIBRARIES:
+        model = copy.deepcopy(base).to(torch.bfloat16)
+        if library == "lorakit":
+            lk.load_adapter(model, adapter_dirs[library])
+            merge, unmerge = (lambda m=model: lk.merge_(m)), (lambda m=model: lk.unmerge_(m))
+        else:
+            model = peft.PeftModel.from_pretrained(model, adapter_dirs[library]).eval()
+            merge, unmerge = model.merge_adapter, model.unmerge_adapter
+        weights = pm.adapted_weights(model, library)
+        originals = {path: w.detach().clone() for path, w in weights.items()}
+        with torch.inference_mode():
+            unmerged = model(input_ids=ids).logits.float()
+            merge()
+            merged = model(input_ids=ids).logits.float()
+            unmerge()
+            drift_1 = _drift(weights, originals)
+            cycle_ms = []
+            for _ in range(cycles - 1):  # the check above was cycle 1
+                start = time.perf_counter()
+                merge()
+                unmerge()
+                cycle_ms.append((time.perf_counter() - start) * 1e3)
+        error = (merged - unmerged).abs()
+        results[library] = {
+            "weight_dtype": str(next(iter(weights.values())).dtype),
+            "adapter_dtype": _adapter_dtype(model, library),
+            "logits_max_abs": error.max().item(), "logits_mean_abs": error.mean().item(),
+            "logits_scale": unmerged.abs().max().item(),
+            "bf16_vs_fp32_max_abs": (unmerged - reference_logits).abs().max().item(),
+            "drift_after_1": drift_1, **_drift_stats(weights, originals, cycles),
+            "cycle_ms": statistics.median(cycle_ms) if cycle_ms else None,
+        }
+        del model, weights, originals
+        gc.collect()
+    return results
+
+
+def _drift(weights: dict, originals: dict) -> float:
+    return max((w.float() - originals[p].float()).abs().max().item() for p, w in weights.items())
+
+
+def _drift_stats(weights: dict, originals: dict, cycles: int) -> dict:
+    changed = sum(int((w != originals[p]).sum()) for p, w in weights.items())
+    total = sum(w.numel() for w in weights.values())
+    rms = max(originals[p].float().square().mean().sqrt().item() for p in originals)
+    return {"cycles": cycles, "drift_after_cycles": _drift(weights, originals), "changed_elements": changed,
+            "weight_elements": total, "weight_rms": rms}
+
+
+def _adapter_dtype(model, library: str) -> str:
+    if library == "lorakit":
+        return str(next(layer.lora_A["default"].dtype for _, layer in lk.lora_layers(model)))
+    return str(next(p.dtype for n, p in model.named_parameters() if "lora_A" in n))
+
+
+# --- training, one process per configuration -----------------------------------------------------------------
+def training(case: Case, settings: Settings, log: "Log", progress: Callable[[str], None]) -> dict:
+    """The three configurations in lockstep (perf_step.lockstep); every step and stat is logged."""
+    specs = {variant: StepSpec(model=case.model, variant=variant, batch=case.train_batch, seq=case.train_seq,
+                               rank=settings.rank, alpha=settings.alpha, threads=settings.threads)
+             for variant in TRAIN_VARIANTS}
+    rounds = case.train_warmup + case.train_steps
+    progress(f"{case.model}: training, starting {len(specs)} processes" if settings.isolate else
+             f"{case.model}: training (in this process)")
+    result = lockstep(specs, rounds, settings.isolate, settings.profile,
+                      lambda text: progress(f"{case.model}: training {text}"))
+    for step in result["steps"]:
+        log("train_step", model=case.model, warmup=step["round"] < case.train_warmup, **step)
+    for variant, stats in result["stats"].items():
+        log("train", **stats, isolated=result["isolated"])
+    for variant, report in result["profiles"].items():
+        log("profile", model=case.model, what=f"training step, {variant}", **report)
+    return result
+
+
+def training_summary(result: dict, warmup: int) -> dict:
+    """Per variant: medians over the timed rounds, and memory; per pair: the median of per-round
+    ratios of the step time (with its range and the ratio of best times), and the memory ratios."""
+    timed = [s for s in result["steps"] if s["round"] >= warmup]
+    rounds = sorted({s["round"] for s in timed})
+    by = {(s["round"], s["variant"]): s for s in timed}
+    variants = {}
+    for variant, stats in result["stats"].items():
+        mine = [by[r, variant] for r in rounds]
+        variants[variant] = {key: statistics.median(s[key] for s in mine) for key in
+                             ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "cpu_ms")}
+        variants[variant].update(min_ms=min(s["step_ms"] for s in mine), trainable=stats["trainable"],
+                                 total=stats["total"], rss_before_mb=stats["rss_before_mb"],
+                                 peak_rss_mb=stats["peak_rss_mb"], added_mb=stats["peak_rss_mb"] - stats["rss_before_mb"],
+                                 ru_maxrss_mb=stats["ru_maxrss_mb"], losses=[s["loss"] for s in mine])
+    ratios = {}
+    for a, b in (("lorakit", "full"), ("lorakit", "peft"), ("peft", "full")):
+        steps_a, steps_b = ([by[r, v]["step_ms"] for r in rounds] for v in (a, b))
+        ratios[f"step {a}/{b}"] = {**ratio_stats(steps_a, steps_b), "best": min(steps_a) / min(steps_b)}
+        cpu_a, cpu_b = ([by[r, v]["cpu_ms"] for r in rounds] for v in (a, b))
+        ratios[f"cpu {a}/{b}"] = ratio_stats(cpu_a, cpu_b)
+        ratios[f"memory {a}/{b}"] = {"ratio": variants[a]["peak_rss_mb"] / variants[b]["peak_rss_mb"]}
+        ratios[f"added {a}/{b}"] = {"ratio": variants[a]["added_mb"] / variants[b]["added_mb"]}
+    return {"variants": variants, "ratios": ratios, "rounds": len(rounds), "isolated": result["isolated"]}
+
+
+# --- profiles --------------------------------------------------------------------------------------------------
+def profile(call: Callable, rows: int = 12, python: bool = True) -> dict:
+    """torch.profiler's op table (by self CPU time) and, if installed, pyinstrument's Python view."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    averages = prof.key_averages()
+    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    report = {"table": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
+              "self_ms": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in top}}
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        return report
+    if python:
+        profiler = Profiler(interval=0.0005)
+        profiler.start()
+        call()
+        profiler.stop()
+        report["python"] = profiler.output_text(unicode=False, color=False, show_all=False)
+    return report
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+class Log:
+    """Appends one JSON object per record, every one tagged with the run id."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.path, self.run_id = path, run_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, kind: str, **fields) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"run": self.run_id, "kind": kind, **fields}, default=str) + "\n")
+
+
+def machine() -> dict:
+    """What the numbers were measured on, and how busy it was."""
+    import peft
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "memory_gb": _memory_gb(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": _loadavg(),
+            "git": _git_state()}
+
+
+def _git_state() -> dict | None:
+    """The commit measured, and which files of lorakit/ differed from it (uncommitted work counts too)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=BENCH.parent, check=True).stdout
+
+    try:
+        changed = [line[3:] for line in git("status", "--porcelain", "--", "lorakit").splitlines()]
+        return {"head": git("rev-parse", "--short", "HEAD").strip(), "lorakit_changed": changed}
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        return None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run(settings: Settings, progress: Callable[[str], None] = lambda text: None) -> dict:
+    """Every case; returns {"meta", "models": {name: summary}, "profiles": [...]}; records go to settings.out."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(settings: Settings, progress: Callable[[str], None]) -> dict:
+    log = Log(settings.out, time.strftime("%Y%m%dT%H%M%S"))
+    started = time.perf_counter()
+    meta = {"settings": {**asdict(settings)}, "machine": machine(), "argv": sys.argv, "mode": settings.mode,
+            "label": settings.label}
+    log("meta", **meta)
+    models, profiles = {}, []
+    for case in settings.cases:
+        models[case.model] = measure_case(case, settings, log, progress, profiles)
+    meta["seconds"] = time.perf_counter() - started
+    meta["loadavg_end"] = _loadavg()
+    log("end", seconds=meta["seconds"], loadavg=meta["loadavg_end"])
+    return {"meta": meta, "run": log.run_id, "models": models, "profiles": profiles}
+
+
+def measure_case(case: Case, settings: Settings, log: Log, progress: Callable[[str], None], profiles: list) -> dict:
+    """Everything for one model: in this process first (inference, merge, files, precision), then training."""
+    summary = in_process(case, settings, log, progress, profiles)
+    gc.collect()  # the three models of this process go before the training processes start
+    trained = training(case, settings, log, progress)
+    profiles += [{"model": case.model, "what": f"training step, {variant}", **report}
+                 for variant, report in trained["profiles"].items()]
+    summary["train_shape"] = {"batch": case.train_batch, "seq": case.train_seq, "warmup": case.train_warmup,
+                              "steps": case.train_steps}
+    summary["training"] = training_summary(trained, case.train_warmup)
+    log("summary", model=case.model, **summary)
+    return summary
+
+
+def in_process(case: Case, settings: Settings, log: Log, progress: Callable[[str], None], profiles: list) -> dict:
+    """Base, lorakit and PEFT copies with the same adapter: check, inference, merge, files, precision."""
+    progress(f"{case.model}: building base, lorakit and PEFT models")
+    base = pm.build_base(case.model)
+    targets = pm.TARGETS[case.model]
+    lorakit_model = pm.add_lorakit(copy.deepcopy(base), targets, settings.rank, settings.alpha, random_b=True)
+    peft_model = pm.peft_from_lorakit(base, lorakit_model)
+    models = {"lorakit": lorakit_model, "peft": peft_model}
+    states = {"lorakit": lorakit_state(lorakit_model), "peft": peft_state(peft_model)}
+    ids = pm.random_ids(base, case.batch, case.seq)
+    shape = {"model": case.model, "batch": case.batch, "seq": case.seq, "targets": list(targets), "rank": settings.rank}
+
+    progress(f"{case.model}: correctness check")
+    checked = check(base, lorakit_model, peft_model, states, ids)
+    log("check", **shape, **checked)
+    progress(f"{case.model}: inference latency")
+    times = {"inference": inference(base, models, states, ids, settings.infer_repeats)}
+    progress(f"{case.model}: merge time")
+    times["merge"] = merge_times(states, settings.merge_repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        progress(f"{case.model}: adapter save, load, switch")
+        times["io"] = io_times(base, lorakit_model, peft_model, Path(tmp), settings)
+        progress(f"{case.model}: bfloat16 merge precision ({settings.cycles} cycles)")
+        dirs = {"lorakit": Path(tmp) / "lorakit", "peft": Path(tmp) / "peft"}
+        small = pm.random_ids(base, case.precision_batch, case.seq, seed=2)
+        with torch.inference_mode():
+            reference = lorakit_model(input_ids=small).logits.float()
+        prec = precision(base, dirs, reference, small, settings.cycles)
+        if settings.profile:
+            progress(f"{case.model}: profiles (forward, save, load, merge)")
+            profiles += profile_in_process(case, base, lorakit_model, ids, dirs["lorakit"], log)
+    for section, measured in times.items():
+        for name, ms in measured.items():
+            log("time", **shape, section=section, op=name, ms=ms)
+    for library, result in prec.items():
+        log("precision", **shape, batch_precision=case.precision_batch, library=library, **result)
+    return {"shape": shape, "precision_batch": case.precision_batch, "check": checked,
+            "inference": summarise(times["inference"], "base"), "merge": _paired(times["merge"]),
+            "io": _paired(times["io"]), "precision": prec}
+
+
+def _paired(times: dict[str, list[float]]) -> dict[str, dict]:
+    """'lorakit X' / 'peft X' pairs: each one's median ms, and lorakit / PEFT per round."""
+    out = {}
+    for name, ms in times.items():
+        library, op = name.split(" ", 1)
+        entry = out.setdefault(op, {})
+        entry[library] = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+    for op, entry in out.items():
+        entry["ratio"] = ratio_stats(times[f"lorakit {op}"], times[f"peft {op}"])
+    return out
+
+
+def profile_in_process(case: Case, base, lorakit_model, ids: torch.Tensor, lk_dir: Path, log: Log) -> list[dict]:
+    """Where the time goes in lorakit's unmerged forward (vs the base's), save, load-and-activate and merge."""
+    reports = []
+    with torch.inference_mode():
+        for what, model in (("forward, base", base), ("forward, lorakit unmerged", lorakit_model)):
+            reports.append({"model": case.model, "what": what, **profile(lambda m=model: m(input_ids=ids), python=False)})
+
+    def load():
+        lk.load_adapter(lorakit_model, lk_dir, adapter="profiled")
+        lk.set_active(lorakit_model, "profiled")
+        lk.set_active(lorakit_model, "default")
+        lk.delete_adapter(lorakit_model, "profiled")
+
+    @torch.no_grad()
+    def merge_unmerge():
+        lk.merge_(lorakit_model)
+        lk.unmerge_(lorakit_model)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        reports.append({"model": case.model, "what": "lorakit save",
+                        **profile(lambda: lk.save_adapter(lorakit_model, Path(tmp) / "saved"))})
+    reports.append({"model": case.model, "what": "lorakit load + activate (+ delete)", **profile(load)})
+    reports.append({"model": case.model, "what": "lorakit merge + unmerge", **profile(merge_unmerge)})
+    for report in reports:
+        log("profile", **report)
+    return reports
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+def settings_from(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 repeats, 1 warm-up + 2 timed training steps, no profiles; "
+                             "writes perf.jsonl only (not RESULTS.md or perf.png)")
+    parser.add_argument("--models", nargs="+", choices=("gpt2-small", "smollm2-135m"),
+                        help="models to measure (default: both)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiles")
+    parser.add_argument("--no-results-md", action="store_true", help="do not write bench/RESULTS.md or perf.png")
+    parser.add_argument("--label", default="", help="note kept with the run, e.g. what else the machine runs")
+    parser.add_argument("--out", type=Path, default=Settings.out, help="JSON-lines file to append to")
+    args = parser.parse_args(argv)
+    settings = Settings(label=args.label, out=args.out)
+    if args.quick:
+        quick = dict(train_warmup=1, train_steps=2)
+        settings = replace(settings, cases=tuple(replace(c, **quick) for c in settings.cases), infer_repeats=3,
+                           merge_repeats=3, io_repeats=3, switch_repeats=11, profile=False, mode="quick",
+                           plot=None, profile_out=None, results_md=None)
+    if args.models:
+        settings = replace(settings, cases=tuple(c for c in settings.cases if c.model in args.models))
+    if args.no_profile:
+        settings = replace(settings, profile=False, profile_out=None)
+    if args.no_results_md:
+        settings = replace(settings, results_md=None, plot=None)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = settings_from(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, from inside PEFT
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    began = time.perf_counter()
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - began:6.0f} s] {text}", flush=True)
+
+    result = run(settings, progress)
+    result["meta"]["command"] = f"make bench BENCH_ARGS='{' '.join(argv)}'" if argv else "make bench"
+    print(perf_report.console(result))
+    perf_report.write_outputs(result, settings)
+    print(f"records appended to {settings.out} (run {result['run']})")
+    checks = all(m["check"]["passed"] for m in result["models"].values())
+    return 0 if checks else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

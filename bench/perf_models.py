@@ -1,0 +1,137 @@
+"""The models bench/perf.py measures, and the same rank-8 adapter on them through lorakit and PEFT.
+
+Shared by the parent (bench/perf.py) and the training-step child (bench/perf_step.py), so both
+build exactly the same thing from a model name.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+import lorakit as lk
+
+# GPT2Config() overrides per name ({}: GPT-2 small, 124M); anything else is a lorakit bundled model.
+GPT2_SHAPES = {
+    "gpt2-small": {},
+    "gpt2-tiny": dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32),  # the smoke test's
+}
+TARGETS = {"gpt2-small": ("c_attn",), "gpt2-tiny": ("c_attn",), "smollm2-135m": ("q_proj", "v_proj")}
+TITLES = {"gpt2-small": "GPT-2 small (124M, random init from GPT2Config())",
+          "gpt2-tiny": "GPT-2 tiny (smoke-test shape)",
+          "smollm2-135m": "SmolLM2-135M (pretrained, bundled)"}
+
+
+def build_base(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM in eval mode: GPT-2 shapes are random-initialised (seed 0), others loaded offline."""
+    torch.manual_seed(0)
+    if name in GPT2_SHAPES:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_SHAPES[name]))
+        return model.to(dtype).eval()
+    from lorakit.zoo import load_task_model
+
+    return load_task_model(name, "causal-lm", dtype=dtype).eval()
+
+
+def is_gpt2(model: nn.Module) -> bool:
+    return isinstance(model, transformers.GPT2PreTrainedModel)
+
+
+def lorakit_config(targets: tuple[str, ...], rank: int, alpha: float) -> lk.LoraConfig:
+    return lk.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets)
+
+
+def peft_config(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float):
+    """PEFT's LoraConfig for the same adapter; GPT-2's Conv1D stores its weight transposed."""
+    import peft
+
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
+                           fan_in_fan_out=is_gpt2(model), bias="none")
+
+
+def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float,
+                random_b: bool = False, seed: int = 1) -> nn.Module:
+    """Inject a rank-`rank` adapter "default" in place; random_b: B ~ N(0, 0.02) so it changes the output."""
+    torch.manual_seed(seed)
+    lk.inject_(model, lorakit_config(targets, rank, alpha))
+    if random_b:
+        with torch.no_grad():
+            for _, layer in lk.lora_layers(model):
+                layer.lora_B["default"].normal_(std=0.02)
+    return model
+
+
+def add_peft(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float):
+    """A trainable PEFT LoRA model around `model` (fresh adapter: B = 0)."""
+    import peft
+
+    return peft.get_peft_model(model, peft_config(model, targets, rank, alpha))
+
+
+def peft_from_lorakit(base: nn.Module, lorakit_model: nn.Module) -> nn.Module:
+    """A PEFT model around a copy of `base` holding lorakit_model's adapter, read from lorakit's files."""
+    import peft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lk.save_adapter(lorakit_model, tmp)
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp).eval()
+
+
+def adapted_weights(model: nn.Module, library: str) -> dict[str, torch.Tensor]:
+    """path -> the base weight tensor of every adapted layer (the tensor merging writes into)."""
+    if library == "lorakit":
+        return {path: layer.base_layer.weight for path, layer in lk.lora_layers(model)}
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    return {path: module.get_base_layer().weight for path, module in model.named_modules()
+            if isinstance(module, PeftLoraLayer)}
+
+
+def random_ids(model: nn.Module, batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    """(batch, seq) random token ids, the same for every variant."""
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# --- process memory (Linux /proc) ---------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    return int(found.group(1)) if found else None
+
+
+def rss_mb() -> float | None:
+    """Resident set size of this process now, MB (None off Linux)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def peak_rss_mb() -> float | None:
+    """The kernel's high-water mark of this process's RSS (VmHWM) since start or reset_peak_rss()."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new RSS high-water mark from the current RSS (Linux >= 4.0); False if not possible."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is what is live
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

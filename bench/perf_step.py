@@ -1,0 +1,267 @@
+"""Training steps of one configuration (full fine-tuning, PEFT LoRA or lorakit LoRA), in a process of its own.
+
+bench/perf.py starts one process per configuration, all at once, and has them take turns one
+step at a time (the order rotating each round), so that a shared, noisy CPU slows every
+configuration alike and each round's ratios compare steps run seconds apart. The process
+answers commands on stdin with one JSON line each on stdout:
+
+    .venv/bin/python bench/perf_step.py '{"model": "gpt2-small", "variant": "lorakit"}'
+    -> {"ready": ...}      after building the model (printed unasked)
+    step    -> {"forward_ms", "backward_ms", "optimizer_ms", "step_ms", "cpu_ms", "loss"}
+    stats   -> {"peak_rss_mb", "rss_before_mb", "ru_maxrss_mb", "trainable", "total", ...}
+    profile -> torch.profiler's report of one more step
+    exit
+
+Every configuration runs the same step on the same random batch: zero_grad ->
+model(input_ids, labels=input_ids).loss (the model's own causal-LM cross-entropy) -> backward ->
+AdamW step. The model is in train mode (GPT-2's dropout is on, for every variant alike).
+
+Memory: the kernel's RSS high-water mark (VmHWM) is reset just before the first step, after the
+model is built (a transient peak while reading weights does not count), and read by `stats`:
+`peak_rss_mb` is the whole process at its fullest while training (weights, gradients, AdamW
+state, activations, plus the Python/torch runtime); `rss_before_mb` is the same process just
+before the first step, so `peak_rss_mb - rss_before_mb` is what training itself added.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import perf_models as pm
+
+BENCH = Path(__file__).resolve().parent
+VARIANTS = ("full", "peft", "lorakit")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One training configuration."""
+
+    model: str = "gpt2-small"
+    variant: str = "lorakit"
+    batch: int = 4
+    seq: int = 128
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = field(default=())  # empty: perf_models.TARGETS[model]
+    lr: float = 1e-4
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r}: must be one of {', '.join(VARIANTS)}")
+        object.__setattr__(self, "targets", tuple(self.targets) or pm.TARGETS[self.model])
+
+
+class Trainer:
+    """The model, its optimiser and the batch of one configuration; `step()` times one step."""
+
+    def __init__(self, spec: StepSpec) -> None:
+        started = time.perf_counter()
+        self.spec = spec
+        self.model, self.params = prepare(spec)
+        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr)
+        self.ids = pm.random_ids(self.model, spec.batch, spec.seq)
+        self.setup_s = time.perf_counter() - started
+        self.rss_before = self.peak_reset = None
+
+    def step(self) -> dict:
+        """One training step: the time of each phase (ms), the process CPU time, the loss."""
+        if self.rss_before is None:  # the high-water mark starts at the first step
+            self.peak_reset = pm.reset_peak_rss()
+            self.rss_before = pm.rss_mb()
+        cpu = time.process_time()
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        t3 = time.perf_counter()
+        return {"forward_ms": (t1 - t0) * 1e3, "backward_ms": (t2 - t1) * 1e3, "optimizer_ms": (t3 - t2) * 1e3,
+                "step_ms": (t3 - t0) * 1e3, "cpu_ms": (time.process_time() - cpu) * 1e3, "loss": loss.item()}
+
+    def stats(self) -> dict:
+        """The configuration and its memory so far (MB)."""
+        return {**asdict(self.spec), "trainable": sum(p.numel() for p in self.params),
+                "total": sum(p.numel() for p in self.model.parameters()), "setup_s": self.setup_s,
+                "rss_before_mb": self.rss_before, "peak_rss_mb": pm.peak_rss_mb() if self.peak_reset else None,
+                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def profile(self, rows: int = 12) -> dict:
+        """torch.profiler over one more step: the ops by self CPU time and by memory they allocated
+        (not freed within the op: outputs, saved activations), and each phase's total time."""
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.optimizer.zero_grad(set_to_none=True)
+            with record_function("phase: forward"):
+                loss = self.model(input_ids=self.ids, labels=self.ids).loss
+            with record_function("phase: backward"):
+                loss.backward()
+            with record_function("phase: optimizer"):
+                self.optimizer.step()
+        averages = prof.key_averages()
+        ops = [e for e in averages if not e.key.startswith("phase: ")]
+        by_time = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+        by_memory = sorted(ops, key=lambda e: e.self_cpu_memory_usage, reverse=True)[:rows]
+        return {
+            "table": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
+            "memory_table": averages.table(sort_by="self_cpu_memory_usage", row_limit=rows),
+            "self_ms": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in by_time},
+            "calls": {e.key: e.count for e in by_time},
+            "self_mb": {e.key: round(e.self_cpu_memory_usage / 2**20, 1) for e in by_memory if e.self_cpu_memory_usage > 0},
+            "phases_ms": {e.key.split(": ")[1]: round(e.cpu_time_total / 1e3, 2) for e in averages
+                          if e.key.startswith("phase: ")},
+        }
+
+
+def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The model in train mode with the variant's trainable parameters."""
+    model = pm.build_base(spec.model)
+    if spec.variant == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif spec.variant == "lorakit":
+        pm.add_lorakit(model, spec.targets, spec.rank, spec.alpha)
+    else:
+        model = pm.add_peft(model, spec.targets, spec.rank, spec.alpha)
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def serve(spec: StepSpec, commands, answer) -> None:
+    """Build, announce, then answer commands (one per line) until `exit` or end of input."""
+    torch.set_num_threads(spec.threads)
+    trainer = Trainer(spec)
+    answer({"ready": True, "setup_s": trainer.setup_s})
+    actions = {"step": trainer.step, "stats": trainer.stats, "profile": trainer.profile}
+    for line in commands:
+        command = line.strip()
+        if command == "exit":
+            return
+        if command not in actions:
+            answer({"error": f"unknown command {command!r}; commands: {', '.join(actions)}, exit"})
+            continue
+        answer(actions[command]())
+
+
+# --- the driver's side: workers in lockstep ---------------------------------------------------------------
+class LocalWorker:
+    """A Trainer in this process (tests: fast, but its memory numbers are the whole process's)."""
+
+    isolated = False
+
+    def __init__(self, spec: StepSpec) -> None:
+        torch.set_num_threads(spec.threads)
+        self.trainer = Trainer(spec)
+
+    def ready(self) -> dict:
+        return {"ready": True, "setup_s": self.trainer.setup_s}
+
+    def ask(self, command: str) -> dict:
+        return getattr(self.trainer, command)()
+
+    def close(self) -> None:
+        del self.trainer
+
+
+class ProcessWorker:
+    """A Trainer in a fresh Python process, driven over its stdin/stdout (stderr kept for errors)."""
+
+    isolated = True
+
+    def __init__(self, spec: StepSpec) -> None:
+        root = str(BENCH.parent)  # lorakit itself, should it not be installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.spec, self.errors = spec, tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, str(BENCH / "perf_step.py"), json.dumps(asdict(spec))],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                        text=True, env=env)
+
+    def ready(self) -> dict:
+        return self._read()
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=60)
+            self.errors.seek(0)
+            raise RuntimeError(f"perf_step.py ({self.spec.model}, {self.spec.variant}) exited with "
+                               f"{self.process.returncode}:\n{self.errors.read()[-3000:]}")
+        record = json.loads(line)
+        if "error" in record:
+            raise RuntimeError(f"perf_step.py ({self.spec.model}, {self.spec.variant}): {record['error']}")
+        return record
+
+    def close(self) -> None:
+        try:
+            if self.process.poll() is None:
+                self.process.stdin.write("exit\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        finally:
+            self.errors.close()
+
+
+def lockstep(specs: dict[str, StepSpec], rounds: int, isolate: bool = True, profile: bool = False,
+             progress=lambda text: None) -> dict:
+    """Start a worker per configuration, then `rounds` rounds of one step each, the order rotating.
+
+    Returns {"steps": [per step: round, position, variant, phase times], "stats": {variant: stats},
+    "profiles": {variant: report} (empty unless `profile`), "isolated": bool}.
+    """
+    worker = ProcessWorker if isolate else LocalWorker
+    threads = torch.get_num_threads()
+    workers = {}
+    try:
+        for variant, spec in specs.items():  # processes build their models side by side
+            workers[variant] = worker(spec)
+        for w in workers.values():
+            w.ready()
+        order, steps = list(specs), []
+        for round_ in range(rounds):
+            shift = round_ % len(order)
+            progress(f"round {round_ + 1}/{rounds}")
+            for position, variant in enumerate(order[shift:] + order[:shift]):
+                steps.append({"round": round_, "position": position, "variant": variant, **workers[variant].ask("step")})
+        stats = {variant: w.ask("stats") for variant, w in workers.items()}
+        profiles = {variant: w.ask("profile") for variant, w in workers.items()} if profile else {}
+    finally:
+        for w in workers.values():
+            w.close()
+        torch.set_num_threads(threads)
+    return {"steps": steps, "stats": stats, "profiles": profiles, "isolated": isolate}
+
+
+def main(argv: list[str]) -> int:
+    warnings.filterwarnings("ignore")  # transformers' and PEFT's notices go to stderr anyway; keep it short
+
+    def answer(record: dict) -> None:
+        print(json.dumps(record), flush=True)
+
+    serve(StepSpec(**json.loads(argv[0])), sys.stdin, answer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

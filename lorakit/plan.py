@@ -1,0 +1,224 @@
+"""Planning a run before making it: trainable parameters, adapter file size and peak training memory.
+
+    plan("smollm2-135m", rank=8, targets=("q_proj", "v_proj"), batch=8, seq=128)
+
+The model is built from its config on fake tensors (shapes and dtypes, no storage), so no weights
+are loaded or allocated. Peak memory is predicted for one step of `lorakit train` (LoRA, and full
+fine-tuning for comparison) as
+
+    weights + AdamW states + max(forward/backward peak, gradients + optimizer-step temporaries)
+
+where the forward/backward peak (activations saved for backward, transients, gradients as they
+appear) is found by running that step's forward and backward on the fake model and counting the
+bytes of every tensor the step creates while it is alive: the activations follow from the
+architecture (layers, hidden size, heads, vocabulary, batch, sequence, dtype) as torch lays them out.
+Predictions are for CPU kernels; a GPU's attention kernels usually keep less.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .config import LoraConfig
+from .errors import LoraError, problems_error
+from .inject import inject_
+from .io import FORMAT_VERSION, _peft_keys, base_fingerprint
+from .layers import lora_layers
+from .loss import summed_causal_lm_loss
+
+DTYPES = ("float32", "bfloat16", "float16")
+# A base-weight fingerprint entry of typical length, for when no weights are at hand (fake model).
+TYPICAL_FINGERPRINT = [-1.2345678901234567e-05, 0.012345678901234567, -0.012345678901234567]
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What to plan. Every field is also a `lorakit plan` option (underscores become dashes)."""
+
+    model: str = _opt("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    rank: int = _opt(8, "LoRA rank r")
+    targets: tuple[str, ...] = _opt(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
+    batch: int = _opt(8, "examples per forward pass (lorakit train's batch_size / grad_accum / processes)")
+    seq: int = _opt(128, "tokens per example (lorakit train's max_length)")
+    dropout: float = _opt(0.0, "dropout on the adapter input")
+    dtype: str = _opt("float32", "dtype of the base weights", choices=DTYPES)
+    bf16: bool = _opt(False, "bfloat16 autocast for forward and backward")
+    grad_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        problems = [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in ("rank", "batch", "seq")
+                    if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
+                    or getattr(self, k) < 1]
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if problems:
+            raise problems_error("invalid plan options", problems)
+
+    def run(self) -> dict:
+        return plan(self.model, self.rank, self.targets, self.batch, self.seq, dropout=self.dropout,
+                    dtype=getattr(torch, self.dtype), bf16=self.bf16, grad_checkpointing=self.grad_checkpointing)
+
+
+def plan(model_or_config, rank: int = 8, targets=("q_proj", "v_proj"), batch: int = 8, seq: int = 128, *,
+         dropout: float = 0.0, dtype: torch.dtype = torch.float32, bf16: bool = False,
+         grad_checkpointing: bool = False) -> dict:
+    """Trainable parameters, adapter file bytes and predicted peak training memory, LoRA and full.
+
+    model_or_config: a bundled name or model directory (str or path), a transformers config, or a
+    transformers model (read, never changed; its weights make the adapter size exact to the byte).
+    Returns {"model", "batch", "seq", "total_parameters", "lora": {...}, "full": {...}}; each mode
+    has trainable_parameters and the bytes of weights, gradients, optimizer_states, activations
+    (saved for backward at the end of the forward pass) and peak; "lora" also adapter_file_bytes.
+    """
+    config, weights = _config_of(model_or_config)
+    lora_config = LoraConfig(rank=rank, targets=targets, dropout=dropout)
+    step = dict(batch=batch, seq=seq, dtype=dtype, bf16=bf16, grad_checkpointing=grad_checkpointing)
+    lora_model, lora = _dry_run(config, lora_config, **step)
+    lora["adapter_file_bytes"] = _adapter_file_bytes(lora_model, weights)
+    _, full = _dry_run(config, None, **step)
+    return {"model": getattr(config, "_name_or_path", "") or config.model_type, "batch": batch, "seq": seq,
+            "total_parameters": full["trainable_parameters"], "lora": lora, "full": full}
+
+
+# --- the model, on fake tensors ------------------------------------------------------------------------
+def _config_of(model_or_config):
+    """(transformers config, the real model if one was given)."""
+    import transformers
+
+    if isinstance(model_or_config, transformers.PreTrainedModel):
+        return model_or_config.config, model_or_config
+    if isinstance(model_or_config, transformers.PretrainedConfig):
+        return model_or_config, None
+    if isinstance(model_or_config, (str, os.PathLike)):
+        from .zoo import model_directory
+
+        return transformers.AutoConfig.from_pretrained(model_directory(model_or_config), local_files_only=True), None
+    raise LoraError(f"model={type(model_or_config).__name__}: give a bundled model name, a transformers model "
+                    "directory, config or model")
+
+
+def _fake_model(config, dtype: torch.dtype, fake) -> nn.Module:
+    import transformers
+
+    with fake:
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as err:  # e.g. an encoder such as minilm-l6
+            raise LoraError(f"model={getattr(config, '_name_or_path', config.model_type)!r}: plan covers causal "
+                            f"language models ({err})") from None
+    return model
+
+
+def _dry_run(config, lora_config: LoraConfig | None, batch: int, seq: int, dtype: torch.dtype, bf16: bool,
+             grad_checkpointing: bool) -> tuple[nn.Module, dict]:
+    """One training step's forward and backward on a fake model; the bytes it would take."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake = FakeTensorMode()
+    model = _fake_model(config, dtype, fake)
+    with fake:
+        if lora_config is None:
+            model.requires_grad_(True)
+        else:
+            inject_(model, lora_config)
+        if grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.zeros((batch, seq), dtype=torch.long)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
+    trainable = [t for t in tensors.values() if isinstance(t, nn.Parameter) and t.requires_grad]
+    gradients = sum(_nbytes(p) for p in trainable)
+    states = 2 * gradients + 4 * len(trainable)  # AdamW: exp_avg, exp_avg_sq like the parameter; a step count
+    counter = _LiveBytes()
+    with fake, counter:
+        loss = summed_causal_lm_loss(model, inputs, bf16, verify=False)
+        activations = counter.live
+        loss.backward()
+    step_temporaries = 2 * max((_nbytes(p) for p in trainable), default=0)  # AdamW's sqrt(v) / bias correction
+    weights = sum(_nbytes(t) for t in tensors.values())
+    peak = weights + states + max(counter.peak, gradients + step_temporaries)
+    return model, {"trainable_parameters": sum(p.numel() for p in trainable), "weights_bytes": weights,
+                   "gradient_bytes": gradients, "optimizer_state_bytes": states, "activation_bytes": activations,
+                   "peak_bytes": peak}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors created under it that are still alive, and their peak.
+
+    A tensor counts once per storage, from the op that creates it until its storage is freed;
+    views and in-place results share their input's storage and add nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs | self._alive:
+                self._add(t.untyped_storage())
+        return out
+
+    def _add(self, storage) -> None:
+        key, size = storage._cdata, storage.nbytes()
+        self._alive.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self._alive.discard(key)
+        self.live -= size
+
+
+# --- the adapter file --------------------------------------------------------------------------------
+def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None) -> int:
+    """Size of the adapter_model.safetensors that save_adapter writes for this (fake) injected model.
+
+    Tensor data exactly; the header too when the real model's weights give the base fingerprint,
+    otherwise to within a few bytes per adapted module.
+    """
+    layers = dict(lora_layers(model))
+    shapes = {}
+    for path, layer in layers.items():
+        key_a, key_b = _peft_keys(layer, path)
+        shapes[key_a], shapes[key_b] = tuple(layer.lora_A["default"].shape), tuple(layer.lora_B["default"].shape)
+    fingerprint = base_fingerprint(weights, list(layers)) if weights is not None else \
+        {path: TYPICAL_FINGERPRINT for path in layers}
+    config = layers[next(iter(layers))].configs["default"]
+    metadata = {"format": "pt", "lorakit_format_version": FORMAT_VERSION, "lorakit_adapter": "default",
+                "lorakit_config": json.dumps(config.to_dict()), "lorakit_base_fingerprint": json.dumps(fingerprint)}
+    return _safetensors_bytes(shapes, metadata)
+
+
+def _safetensors_bytes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> int:
+    """A safetensors file of float32 tensors: 8-byte header length, JSON header padded to 8, data."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name in sorted(shapes):  # the format orders tensors by dtype, then name
+        size = 4 * math.prod(shapes[name])
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return 8 + len(text) + (-len(text)) % 8 + offset

@@ -1,0 +1,134 @@
+"""lorakit.plan: trainable parameters and adapter file size exact against inject_ + save_adapter; the
+predicted peak training memory within 20% of one measured in a fresh process; `lorakit plan`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import lorakit as lk
+import tiny
+from lorakit.cli import main
+from lorakit.plan import PlanConfig, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_GPT2 = dict(n_layer=2)  # GPT-2's widths and vocabulary, two blocks
+BATCH, SEQ = 2, 64
+
+# Two training steps as lorakit train takes them (inject_, AdamW, summed_loss, clipping) in a fresh
+# process; prints the peak resident memory during them above the process before the model was built
+# (after a warm-up step on a tiny model, so that lazy imports and set-up are not counted).
+MEASURE = """
+import json, os, sys, threading, time
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+import lorakit as lk
+from lorakit.train import summed_loss
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def sample():  # every ~1 ms
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+
+def train(config, batch, seq, steps, sampler=None):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**config))  # building it briefly holds an untied head too: not sampled
+    if mode == "lora":
+        lk.inject_(model, lk.LoraConfig(rank=8, targets=("c_attn",)))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if sampler:
+        sampler.start()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        (summed_loss(model, inputs, "causal-lm", torch.device("cpu"))[0] / ids.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+mode, batch, seq, config = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+torch.set_num_threads(1)
+peak, done = [0], threading.Event()
+train(dict(n_layer=1, n_embd=8, n_head=2, vocab_size=1000), 1, 4, 1)  # lazy imports and set-up: not training
+base = rss()
+sampler = threading.Thread(target=sample)
+train(config, batch, seq, 2, sampler)
+done.set()
+sampler.join()
+print(json.dumps({"peak_bytes": max(peak[0], rss()) - base}))
+"""
+
+
+def measured_peak(mode: str) -> int:
+    # Big blocks straight from mmap, back to the system when freed: resident memory follows live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MEASURE, mode, str(BATCH), str(SEQ), json.dumps(SMALL_GPT2)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+@pytest.fixture(scope="module")
+def predicted():
+    return plan(GPT2Config(**SMALL_GPT2), rank=8, targets=("c_attn",), batch=BATCH, seq=SEQ)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_predicted_peak_is_within_20_percent_of_the_measured_one(predicted, mode):
+    measured, expected = measured_peak(mode), predicted[mode]["peak_bytes"]
+    assert abs(expected - measured) <= 0.2 * measured, (mode, expected, measured)
+    # The part above the weights, which the step itself adds, is predicted too (not just the weights).
+    weights = predicted[mode]["weights_bytes"]
+    assert abs((expected - weights) - (measured - weights)) <= 0.25 * (measured - weights), (mode, expected, measured)
+
+
+def test_trainable_parameters_and_adapter_file_size_are_exact(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**SMALL_GPT2))
+    predicted = plan(model, rank=4, targets=("c_attn", "c_proj"), batch=1, seq=8)
+    assert predicted["full"]["trainable_parameters"] == lk.parameter_counts(model)[0] == predicted["total_parameters"]
+    lk.inject_(model, lk.LoraConfig(rank=4, targets=("c_attn", "c_proj")))
+    assert predicted["lora"]["trainable_parameters"] == lk.parameter_counts(model)[0]
+    written = lk.save_adapter(model, tmp_path / "adapter") / "adapter_model.safetensors"
+    assert predicted["lora"]["adapter_file_bytes"] == written.stat().st_size
+
+
+def test_from_a_model_directory_without_weights_the_adapter_size_is_close(tmp_path):
+    directory = tiny.causal_lm_dir(tmp_path / "lm")
+    predicted = plan(str(directory), rank=2, targets=("q_proj", "v_proj"), batch=2, seq=16)
+    model = lk.load_model(directory)[0]
+    lk.inject_(model, lk.LoraConfig(rank=2, targets=("q_proj", "v_proj")))
+    assert predicted["lora"]["trainable_parameters"] == lk.parameter_counts(model)[0]
+    size = (lk.save_adapter(model, tmp_path / "adapter") / "adapter_model.safetensors").stat().st_size
+    assert abs(predicted["lora"]["adapter_file_bytes"] - size) <= 8 * 4  # header padding, fingerprint digits
+    assert predicted["lora"]["peak_bytes"] < predicted["full"]["peak_bytes"]
+
+
+def test_plan_options_are_validated_together():
+    with pytest.raises(lk.LoraError, match=r"(?s)2 problem.*rank=0.*dtype='int8'"):
+        PlanConfig(rank=0, dtype="int8")
+    with pytest.raises(lk.LoraError, match="targets"):
+        plan(GPT2Config(**SMALL_GPT2), rank=8, targets=("no_such_module",), batch=1, seq=8)
+
+
+def test_lorakit_plan_prints_parameters_size_and_memory(tmp_path, capsys):
+    directory = tiny.causal_lm_dir(tmp_path / "lm")
+    argv = ["plan", "--model", str(directory), "--rank", "2", "--targets", "q_proj,v_proj", "--batch", "2", "--seq", "16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trainable" in out and "adapter file" in out and "peak" in out and "LoRA" in out and "full" in out
+    assert main(argv + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == plan(str(directory), rank=2, targets=("q_proj", "v_proj"), batch=2, seq=16)
+    assert main(["plan", "--model", str(directory), "--rank", "0"]) == 2
+    assert "--rank=0" in capsys.readouterr().err
