@@ -1,12 +1,14 @@
-"""The causal-LM training loss without the (batch, seq, vocab) logits: head and cross-entropy by chunks.
+"""The causal-LM training loss without the (batch, seq, vocab) logits: head and cross-entropy fused, by chunks.
 
 A causal LM's plain loss holds the logits, their float32 log-softmax and, in backward, their
 gradient: three (B, T, vocab) tensors, the largest in a LoRA step (3 x 98 MiB for GPT-2 at 4 x 128).
-Here the model runs with its output head intercepted (it computes nothing); the captured final
-hidden states (B, T, d) then go through the head and cross-entropy a few rows at a time, each
-chunk recomputed in backward (activation checkpointing), so at most one chunk's logits exist at
-once. Models whose logits are more than head(hidden) (soft-capped, scaled) are detected and get
-the plain loss.
+Here the model runs with its (frozen, linear) output head intercepted, so it computes nothing;
+the captured final hidden states (B, T, d) then go through the head and cross-entropy a few rows
+at a time, and the gradient with respect to the hidden states is computed in the same pass, so
+no chunk's logits outlive it and the backward pass has nothing left to do but scale. The work is
+that of the plain loss (one head product forward, one back). Models whose logits are more than
+head(hidden) (soft-capped, scaled) are detected and get the plain loss, as do heads that train or
+are not plain linear layers (full fine-tuning; LoRA on the head).
 """
 from __future__ import annotations
 
@@ -15,28 +17,42 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk
+CHUNK_BYTES = 8 * 2**20  # float32 logits per chunk
 IGNORE = -100
 
 _POST_PROCESSED: set[type] = set()  # model classes whose logits are not head(hidden) verbatim
 
 
-def summed_causal_lm_loss(model: nn.Module, batch: dict, bf16: bool = False) -> torch.Tensor:
+def summed_causal_lm_loss(model: nn.Module, batch: dict, bf16: bool = False, verify: bool = True) -> torch.Tensor:
     """Cross-entropy summed over target tokens (labels shifted by one; -100 ignored), by chunks
-    where the model's logits are its output head applied to its final hidden states."""
+    where the model's logits are its output head applied to its final hidden states.
+
+    verify=False trusts that they are without looking at values (a dry run on fake tensors).
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or type(model) in _POST_PROCESSED:
+    if head is None or type(model) in _POST_PROCESSED or not _chunkable(head):
         return _plain_loss(_logits(model, batch, bf16), batch["labels"])
     with _intercepted(head) as seen:
         logits = _logits(model, batch, bf16)  # (B, 1, vocab): the sentinel, if the head was intercepted
-    if "hidden" not in seen or seen["hidden"].shape[:2] != batch["input_ids"].shape:
+    if "hidden" not in seen:
         return _plain_loss(logits, batch["labels"])  # the head was not called as expected: full logits
-    if logits.shape != seen["sentinel"].shape or not torch.equal(logits.float(), seen["sentinel"].float()):
+    if not _passed_through(logits, seen, batch["input_ids"].shape, verify):
         _POST_PROCESSED.add(type(model))  # e.g. soft-capped or scaled logits: the plain loss from now on
         return _plain_loss(_logits(model, batch, bf16), batch["labels"])
     return _chunked_loss(head, seen["hidden"], batch["labels"], logits.shape[-1], bf16)
+
+
+def _chunkable(head: nn.Module) -> bool:
+    """A frozen linear head: its logits are x @ W.T + b and nothing upstream of them trains."""
+    return isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
+
+
+def _passed_through(logits: torch.Tensor, seen: dict, batch_shape: torch.Size, verify: bool) -> bool:
+    """Whether the model took the head's input at every position and returned its output untouched."""
+    if "sentinel" not in seen or seen["hidden"].shape[:2] != batch_shape or logits.shape != seen["sentinel"].shape:
+        return False
+    return not verify or torch.equal(logits.float(), seen["sentinel"].float())
 
 
 def _logits(model: nn.Module, batch: dict, bf16: bool) -> torch.Tensor:
@@ -84,24 +100,41 @@ def _intercepted(head: nn.Module):
             handle.remove()
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """Summed cross-entropy of (rows, d) hidden states; the only (rows, vocab) logits alive."""
-    with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = head(hidden)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def _chunked_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab: int,
+def _chunked_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, vocab: int,
                   bf16: bool) -> torch.Tensor:
-    targets = _targets(labels).flatten()
-    keep = targets != IGNORE
-    rows, targets = hidden.flatten(0, 1)[keep], targets[keep]  # (n, d), (n,): only positions with a target
-    size = max(1, CHUNK_BYTES // (4 * vocab))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows.shape[0], size):
-        chunk = (head, rows[start:start + size], targets[start:start + size], bf16)
-        if torch.is_grad_enabled():  # backward recomputes this chunk's logits instead of keeping them
-            total = total + checkpoint(_chunk_loss, *chunk, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(*chunk)
-    return total
+    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
+        need_grad = torch.is_grad_enabled() and hidden.requires_grad  # no gradient work when evaluating
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, _targets(labels), rows, need_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W.T + b, y_i) over rows of `hidden` (B, T, d), `rows` at a time, W and b frozen.
+
+    Per chunk: logits (rows, V) -> p = softmax; loss += lse - logit[y]; dL/dh = (p - onehot(y)) @ W,
+    zero for ignored targets. dL/dh (B, T, d) is all that is kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, need_grad):
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, d), (N,)
+        grad = torch.empty_like(flat) if need_grad else None
+        total = flat.new_zeros((), dtype=torch.float32)
+        for start in range(0, flat.shape[0], rows):
+            chunk = slice(start, start + rows)
+            logp = torch.log_softmax(F.linear(flat[chunk], weight, bias).float(), dim=-1)  # (rows, V)
+            total = total + F.nll_loss(logp, targets[chunk], ignore_index=IGNORE, reduction="sum")
+            if need_grad:
+                valid = (targets[chunk] != IGNORE)[:, None]  # (rows, 1)
+                probs = logp.exp_().mul_(valid)  # in place: logp is not needed again
+                probs.scatter_add_(1, targets[chunk].clamp(min=0)[:, None], -valid.to(probs.dtype))
+                grad[chunk] = probs.to(weight.dtype) @ weight  # (rows, d)
+        ctx.save_for_backward(grad)
+        ctx.shape = hidden.shape
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total).view(ctx.shape), None, None, None, None, None
