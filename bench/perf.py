@@ -45,12 +45,14 @@ import transformers
 import lorakit as lk
 import perf_models as pm
 import perf_report
+from perf_load import CLEAN_CPUS, Meter, QuietGate
 from perf_step import VARIANTS as TRAIN_VARIANTS, StepSpec, lockstep
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 INFER_VARIANTS = ("base", "lorakit", "lorakit merged", "peft", "peft merged")
 LIBRARIES = ("lorakit", "peft")
+PAIRS = (("lorakit", "full"), ("lorakit", "peft"), ("peft", "full"), ("lorakit", "floor"), ("peft", "floor"))
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 logits; the libraries order their sums differently
 
 
@@ -72,16 +74,17 @@ class Case:
 class Settings:
     """One benchmark run."""
 
-    cases: tuple[Case, ...] = (Case("gpt2-small", train_steps=10), Case("smollm2-135m"))
+    cases: tuple[Case, ...] = (Case("gpt2-small", train_steps=8), Case("smollm2-135m", train_steps=5))
     rank: int = 8
     alpha: float = 16.0
-    infer_repeats: int = 11
+    infer_repeats: int = 9
     merge_repeats: int = 7
     io_repeats: int = 9
     switch_repeats: int = 41
     cycles: int = 100
     threads: int = 2
     isolate: bool = True  # each training configuration in its own process (False: in this one; tests)
+    quiet_budget_s: float = 240.0  # waiting for a quiet machine before rounds, at most this long in all (0: never)
     profile: bool = True
     mode: str = "full"
     label: str = ""  # free text kept with the run, e.g. what else the machine was running
@@ -101,33 +104,55 @@ class Op:
     teardown: Callable = lambda: None
 
 
-def time_interleaved(ops: dict[str, Op], repeats: int) -> dict[str, list[float]]:
-    """Milliseconds per call: `repeats` rounds of every op, the order rotating each round."""
+def time_interleaved(ops: dict[str, Op], repeats: int, gate: QuietGate | None = None) -> Timings:
+    """Milliseconds per call: `repeats` rounds of every op, the order rotating each round; each round
+    waits for a quiet machine first (given a gate) and records the CPUs other work used meanwhile."""
     order = list(ops)
-    times: dict[str, list[float]] = {name: [] for name in order}
+    timings = Timings({name: [] for name in order}, [])
     for round_ in range(repeats):
+        if gate is not None:
+            gate.wait()
+        meter = Meter()
         shift = round_ % len(order)
         for name in order[shift:] + order[:shift]:
             op = ops[name]
             op.setup()
             start = time.perf_counter()
             op.call()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            timings.ms[name].append((time.perf_counter() - start) * 1e3)
             op.teardown()
-    return times
+        timings.others.append(meter.others())
+    return timings
 
 
-def ratio_stats(values: list[float], references: list[float]) -> dict[str, float]:
-    """Median, min and max of the per-round ratios values[i] / references[i]."""
-    ratios = [v / r for v, r in zip(values, references)]
-    return {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+@dataclass
+class Timings:
+    """ms[name][round], and others[round]: CPUs used by other work during that round."""
+
+    ms: dict[str, list[float]]
+    others: list[float | None]
+
+def clean_rounds(others: list[float | None], minimum: int = 3) -> list[int]:
+    """Rounds with little other work (all rounds if fewer than `minimum` are clean, or if unknown)."""
+    clean = [i for i, load in enumerate(others) if load is not None and load <= CLEAN_CPUS]
+    return clean if len(clean) >= minimum else list(range(len(others)))
 
 
-def summarise(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
-    """Per name: median ms, the per-round ratio to `reference`, and the ratio of best times."""
-    return {name: {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
-                   **ratio_stats(ms, times[reference]), "best": min(ms) / min(times[reference])}
-            for name, ms in times.items()}
+def ratio_stats(values: list[float], references: list[float], others: list[float | None]) -> dict[str, float]:
+    """Median, min and max of the per-round ratios values[i] / references[i] over the clean rounds,
+    and the ratio of the best times (over all rounds)."""
+    rounds = clean_rounds(others)
+    ratios = [values[i] / references[i] for i in rounds]
+    return {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "best": min(values) / min(references), "rounds_used": len(rounds), "rounds": len(values)}
+
+
+def summarise(timings: Timings, reference: str) -> dict[str, dict]:
+    """Per name: median and best ms (clean rounds), and its ratio_stats to `reference`."""
+    rounds = clean_rounds(timings.others)
+    return {name: {"median_ms": statistics.median(ms[i] for i in rounds), "min_ms": min(ms), "max_ms": max(ms),
+                   **ratio_stats(ms, timings.ms[reference], timings.others)}
+            for name, ms in timings.ms.items()}
 
 
 # --- the models in this process ----------------------------------------------------------------------
@@ -172,7 +197,8 @@ def check(base, lorakit_model, peft_model, states: dict[str, Merged], ids: torch
     return {**result, "passed": not problems, "problems": problems}
 
 
-def inference(base, models: dict, states: dict[str, Merged], ids: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+def inference(base, models: dict, states: dict[str, Merged], ids: torch.Tensor, repeats: int,
+              gate: QuietGate | None) -> Timings:
     """Forward latency of the five variants, merge state set (untimed) before each call."""
     def forward(library: str, merged: bool) -> Op:
         model = models[library]
@@ -182,27 +208,29 @@ def inference(base, models: dict, states: dict[str, Merged], ids: torch.Tensor, 
            "lorakit": forward("lorakit", False), "lorakit merged": forward("lorakit", True),
            "peft": forward("peft", False), "peft merged": forward("peft", True)}
     with torch.inference_mode():
-        times = time_interleaved(ops, repeats)
+        timings = time_interleaved(ops, repeats, gate)
     for state in states.values():
         state.set(False)
-    return times
+    return timings
 
 
-def merge_times(states: dict[str, Merged], repeats: int) -> dict[str, list[float]]:
+def merge_times(states: dict[str, Merged], repeats: int, gate: QuietGate | None) -> Timings:
     """Merge and unmerge of the whole model (every adapted layer), each library in turn."""
     ops = {}
     for library, state in states.items():
         ops[f"{library} merge"] = Op(lambda s=state: s.set(True), setup=lambda s=state: s.set(False))
         ops[f"{library} unmerge"] = Op(lambda s=state: s.set(False), setup=lambda s=state: s.set(True))
     with torch.no_grad():
-        times = time_interleaved(ops, repeats)
+        timings = time_interleaved(ops, repeats, gate)
         for state in states.values():
             state.set(False)
-    return times
+    return timings
 
 
-def io_times(base, lorakit_model, peft_model, tmp: Path, settings: Settings) -> dict[str, list[float]]:
-    """Save, load-and-activate (warm: layers already wrapped; cold: onto a plain model) and switch."""
+def io_times(base, lorakit_model, peft_model, tmp: Path, settings: Settings,
+             gate: QuietGate | None) -> tuple[Timings, Timings]:
+    """Save and load-and-activate (warm: layers already wrapped; cold: onto a plain model); then
+    switching between two resident adapters (sub-millisecond: many rounds, no waiting for quiet)."""
     import peft
 
     lk_dir, peft_dir = tmp / "lorakit", tmp / "peft"
@@ -244,14 +272,14 @@ def io_times(base, lorakit_model, peft_model, tmp: Path, settings: Settings) -> 
         "lorakit cold load": Op(lk_cold, teardown=lambda: lk.unload_(plain, merge=False)),
         "peft cold load": Op(peft_cold, teardown=lambda: holder.pop("peft").unload()),
     }
-    times = time_interleaved(ops, settings.io_repeats)
+    files = time_interleaved(ops, settings.io_repeats, gate)
     switches = {"lorakit switch": Op(lambda: _lk_switch(lorakit_model)), "peft switch": Op(lambda: _peft_switch(peft_model))}
-    times.update(time_interleaved(switches, settings.switch_repeats))
+    switching = time_interleaved(switches, settings.switch_repeats)
     lk.set_active(lorakit_model, "default")
     lk.delete_adapter(lorakit_model, "other")
     peft_model.set_adapter("default")
     peft_model.delete_adapter("other")
-    return times
+    return files, switching
 
 
 def _lk_switch(model) -> None:
@@ -326,7 +354,8 @@ def _adapter_dtype(model, library: str) -> str:
 
 
 # --- training, one process per configuration -----------------------------------------------------------------
-def training(case: Case, settings: Settings, log: "Log", progress: Callable[[str], None]) -> dict:
+def training(case: Case, settings: Settings, log: "Log", progress: Callable[[str], None],
+             gate: QuietGate | None) -> dict:
     """The three configurations in lockstep (perf_step.lockstep); every step and stat is logged."""
     specs = {variant: StepSpec(model=case.model, variant=variant, batch=case.train_batch, seq=case.train_seq,
                                rank=settings.rank, alpha=settings.alpha, threads=settings.threads)
@@ -334,10 +363,11 @@ def training(case: Case, settings: Settings, log: "Log", progress: Callable[[str
     rounds = case.train_warmup + case.train_steps
     progress(f"{case.model}: training, starting {len(specs)} processes" if settings.isolate else
              f"{case.model}: training (in this process)")
-    result = lockstep(specs, rounds, settings.isolate, settings.profile,
+    result = lockstep(specs, rounds, settings.isolate, settings.profile, gate,
                       lambda text: progress(f"{case.model}: training {text}"))
     for step in result["steps"]:
-        log("train_step", model=case.model, warmup=step["round"] < case.train_warmup, **step)
+        log("train_step", model=case.model, warmup=step["round"] < case.train_warmup, **step,
+            others_cpus=result["others"][step["round"]])
     for variant, stats in result["stats"].items():
         log("train", **stats, isolated=result["isolated"])
     for variant, report in result["profiles"].items():
@@ -346,29 +376,29 @@ def training(case: Case, settings: Settings, log: "Log", progress: Callable[[str
 
 
 def training_summary(result: dict, warmup: int) -> dict:
-    """Per variant: medians over the timed rounds, and memory; per pair: the median of per-round
-    ratios of the step time (with its range and the ratio of best times), and the memory ratios."""
-    timed = [s for s in result["steps"] if s["round"] >= warmup]
-    rounds = sorted({s["round"] for s in timed})
-    by = {(s["round"], s["variant"]): s for s in timed}
+    """Per variant: medians over the timed clean rounds, best step, and memory; per pair: ratio_stats
+    of the step time (and of the process CPU time), and the memory ratios."""
+    timed = sorted({s["round"] for s in result["steps"] if s["round"] >= warmup})
+    others = [result["others"][r] for r in timed]
+    used = [timed[i] for i in clean_rounds(others)]
+    by = {(s["round"], s["variant"]): s for s in result["steps"]}
     variants = {}
     for variant, stats in result["stats"].items():
-        mine = [by[r, variant] for r in rounds]
-        variants[variant] = {key: statistics.median(s[key] for s in mine) for key in
+        variants[variant] = {key: statistics.median(by[r, variant][key] for r in used) for key in
                              ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "cpu_ms")}
-        variants[variant].update(min_ms=min(s["step_ms"] for s in mine), trainable=stats["trainable"],
+        variants[variant].update(min_ms=min(by[r, variant]["step_ms"] for r in timed), trainable=stats["trainable"],
                                  total=stats["total"], rss_before_mb=stats["rss_before_mb"],
                                  peak_rss_mb=stats["peak_rss_mb"], added_mb=stats["peak_rss_mb"] - stats["rss_before_mb"],
-                                 ru_maxrss_mb=stats["ru_maxrss_mb"], losses=[s["loss"] for s in mine])
+                                 ru_maxrss_mb=stats["ru_maxrss_mb"], losses=[by[r, variant]["loss"] for r in timed])
     ratios = {}
-    for a, b in (("lorakit", "full"), ("lorakit", "peft"), ("peft", "full")):
-        steps_a, steps_b = ([by[r, v]["step_ms"] for r in rounds] for v in (a, b))
-        ratios[f"step {a}/{b}"] = {**ratio_stats(steps_a, steps_b), "best": min(steps_a) / min(steps_b)}
-        cpu_a, cpu_b = ([by[r, v]["cpu_ms"] for r in rounds] for v in (a, b))
-        ratios[f"cpu {a}/{b}"] = ratio_stats(cpu_a, cpu_b)
+    for a, b in PAIRS:
+        for metric, key in (("step", "step_ms"), ("cpu", "cpu_ms")):
+            values, references = ([by[r, v][key] for r in timed] for v in (a, b))
+            ratios[f"{metric} {a}/{b}"] = ratio_stats(values, references, others)
         ratios[f"memory {a}/{b}"] = {"ratio": variants[a]["peak_rss_mb"] / variants[b]["peak_rss_mb"]}
         ratios[f"added {a}/{b}"] = {"ratio": variants[a]["added_mb"] / variants[b]["added_mb"]}
-    return {"variants": variants, "ratios": ratios, "rounds": len(rounds), "isolated": result["isolated"]}
+    return {"variants": variants, "ratios": ratios, "rounds": len(timed), "rounds_used": len(used),
+            "isolated": result["isolated"]}
 
 
 # --- profiles --------------------------------------------------------------------------------------------------
@@ -466,19 +496,22 @@ def _run(settings: Settings, progress: Callable[[str], None]) -> dict:
             "label": settings.label}
     log("meta", **meta)
     models, profiles = {}, []
+    gate = QuietGate(budget_s=settings.quiet_budget_s) if settings.quiet_budget_s > 0 else None
     for case in settings.cases:
-        models[case.model] = measure_case(case, settings, log, progress, profiles)
+        models[case.model] = measure_case(case, settings, log, progress, profiles, gate)
     meta["seconds"] = time.perf_counter() - started
     meta["loadavg_end"] = _loadavg()
-    log("end", seconds=meta["seconds"], loadavg=meta["loadavg_end"])
+    meta["waited_for_quiet_s"] = gate.waited_s if gate else 0.0
+    log("end", seconds=meta["seconds"], loadavg=meta["loadavg_end"], waited_for_quiet_s=meta["waited_for_quiet_s"])
     return {"meta": meta, "run": log.run_id, "models": models, "profiles": profiles}
 
 
-def measure_case(case: Case, settings: Settings, log: Log, progress: Callable[[str], None], profiles: list) -> dict:
+def measure_case(case: Case, settings: Settings, log: Log, progress: Callable[[str], None], profiles: list,
+                 gate: QuietGate | None) -> dict:
     """Everything for one model: in this process first (inference, merge, files, precision), then training."""
-    summary = in_process(case, settings, log, progress, profiles)
+    summary = in_process(case, settings, log, progress, profiles, gate)
     gc.collect()  # the three models of this process go before the training processes start
-    trained = training(case, settings, log, progress)
+    trained = training(case, settings, log, progress, gate)
     profiles += [{"model": case.model, "what": f"training step, {variant}", **report}
                  for variant, report in trained["profiles"].items()]
     summary["train_shape"] = {"batch": case.train_batch, "seq": case.train_seq, "warmup": case.train_warmup,
@@ -488,7 +521,8 @@ def measure_case(case: Case, settings: Settings, log: Log, progress: Callable[[s
     return summary
 
 
-def in_process(case: Case, settings: Settings, log: Log, progress: Callable[[str], None], profiles: list) -> dict:
+def in_process(case: Case, settings: Settings, log: Log, progress: Callable[[str], None], profiles: list,
+               gate: QuietGate | None) -> dict:
     """Base, lorakit and PEFT copies with the same adapter: check, inference, merge, files, precision."""
     progress(f"{case.model}: building base, lorakit and PEFT models")
     base = pm.build_base(case.model)
@@ -504,12 +538,12 @@ def in_process(case: Case, settings: Settings, log: Log, progress: Callable[[str
     checked = check(base, lorakit_model, peft_model, states, ids)
     log("check", **shape, **checked)
     progress(f"{case.model}: inference latency")
-    times = {"inference": inference(base, models, states, ids, settings.infer_repeats)}
+    times = {"inference": inference(base, models, states, ids, settings.infer_repeats, gate)}
     progress(f"{case.model}: merge time")
-    times["merge"] = merge_times(states, settings.merge_repeats)
+    times["merge"] = merge_times(states, settings.merge_repeats, gate)
     with tempfile.TemporaryDirectory() as tmp:
         progress(f"{case.model}: adapter save, load, switch")
-        times["io"] = io_times(base, lorakit_model, peft_model, Path(tmp), settings)
+        times["io"], times["switch"] = io_times(base, lorakit_model, peft_model, Path(tmp), settings, gate)
         progress(f"{case.model}: bfloat16 merge precision ({settings.cycles} cycles)")
         dirs = {"lorakit": Path(tmp) / "lorakit", "peft": Path(tmp) / "peft"}
         small = pm.random_ids(base, case.precision_batch, case.seq, seed=2)
@@ -519,25 +553,25 @@ def in_process(case: Case, settings: Settings, log: Log, progress: Callable[[str
         if settings.profile:
             progress(f"{case.model}: profiles (forward, save, load, merge)")
             profiles += profile_in_process(case, base, lorakit_model, ids, dirs["lorakit"], log)
-    for section, measured in times.items():
-        for name, ms in measured.items():
-            log("time", **shape, section=section, op=name, ms=ms)
+    for section, timings in times.items():
+        for name, ms in timings.ms.items():
+            log("time", **shape, section=section, op=name, ms=ms, others_cpus=timings.others)
     for library, result in prec.items():
         log("precision", **shape, batch_precision=case.precision_batch, library=library, **result)
     return {"shape": shape, "precision_batch": case.precision_batch, "check": checked,
             "inference": summarise(times["inference"], "base"), "merge": _paired(times["merge"]),
-            "io": _paired(times["io"]), "precision": prec}
+            "io": {**_paired(times["io"]), **_paired(times["switch"])}, "precision": prec}
 
 
-def _paired(times: dict[str, list[float]]) -> dict[str, dict]:
-    """'lorakit X' / 'peft X' pairs: each one's median ms, and lorakit / PEFT per round."""
-    out = {}
-    for name, ms in times.items():
+def _paired(timings: Timings) -> dict[str, dict]:
+    """'lorakit X' / 'peft X' pairs: each one's median (clean rounds) and best ms, and lorakit / PEFT."""
+    rounds, out = clean_rounds(timings.others), {}
+    for name, ms in timings.ms.items():
         library, op = name.split(" ", 1)
         entry = out.setdefault(op, {})
-        entry[library] = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+        entry[library] = {"median_ms": statistics.median(ms[i] for i in rounds), "min_ms": min(ms), "max_ms": max(ms)}
     for op, entry in out.items():
-        entry["ratio"] = ratio_stats(times[f"lorakit {op}"], times[f"peft {op}"])
+        entry["ratio"] = ratio_stats(timings.ms[f"lorakit {op}"], timings.ms[f"peft {op}"], timings.others)
     return out
 
 
@@ -586,7 +620,7 @@ def settings_from(argv: list[str] | None) -> Settings:
     if args.quick:
         quick = dict(train_warmup=1, train_steps=2)
         settings = replace(settings, cases=tuple(replace(c, **quick) for c in settings.cases), infer_repeats=3,
-                           merge_repeats=3, io_repeats=3, switch_repeats=11, profile=False, mode="quick",
+                           merge_repeats=3, io_repeats=3, switch_repeats=11, profile=False, mode="quick", quiet_budget_s=60,
                            plot=None, profile_out=None, results_md=None)
     if args.models:
         settings = replace(settings, cases=tuple(c for c in settings.cases if c.model in args.models))

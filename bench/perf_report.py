@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import perf_models as pm
+from perf_load import CLEAN_CPUS
 
 HEADING = "## Performance: lorakit vs PEFT vs full fine-tuning"
 NOTES_BEGIN, NOTES_END = "<!-- perf-notes:begin -->", "<!-- perf-notes:end -->"  # kept when the section is rewritten
@@ -126,7 +127,8 @@ def inference_table(summary: dict) -> str:
 
 def training_table(summary: dict) -> str:
     v = summary["training"]["variants"]
-    names = {"full": "full fine-tuning", "peft": "PEFT LoRA", "lorakit": "lorakit LoRA"}
+    names = {"full": "full fine-tuning", "peft": "PEFT LoRA", "lorakit": "lorakit LoRA",
+             "floor": "floor: frozen model, backward to layer 0, no adapter"}
     rows = [[label, f"{v[k]['trainable']:,}", f"{v[k]['step_ms']:.0f}", f"{v[k]['min_ms']:.0f}", f"{v[k]['forward_ms']:.0f}",
              f"{v[k]['backward_ms']:.0f}", f"{v[k]['optimizer_ms']:.0f}", f"{v[k]['peak_rss_mb']:.0f}",
              f"{v[k]['rss_before_mb']:.0f}", f"{v[k]['added_mb']:.0f}"] for k, label in names.items()]
@@ -139,7 +141,8 @@ def training_ratio_table(summary: dict) -> str:
     rows = [[label, _range(r[f"step {pair}"]), f"{r[f'step {pair}']['best']:.3f}x", _range(r[f"cpu {pair}"]),
              f"{r[f'memory {pair}']['ratio']:.3f}x", f"{r[f'added {pair}']['ratio']:.3f}x"]
             for pair, label in (("lorakit/full", "lorakit / full"), ("lorakit/peft", "lorakit / PEFT"),
-                                ("peft/full", "PEFT / full"))]
+                                ("peft/full", "PEFT / full"), ("lorakit/floor", "lorakit / floor"),
+                                ("peft/floor", "PEFT / floor"))]
     return _table(["ratio", "step time: median of per-round ratios (range)", "best / best",
                    "process CPU time per step", "peak RSS", "added by training"], rows, "lrrrrr")
 
@@ -187,6 +190,12 @@ def model_block(name: str, summary: dict, level: str = "###") -> str:
         f"Adapter: rank {s['rank']}, alpha 16, no dropout, on {targets}. Inference, files and merge: batch "
         f"{s['batch']} x {s['seq']} random tokens. Training: batch {t['batch']} x {t['seq']}, "
         f"{t['warmup']} warm-up + {t['steps']} timed rounds of one step per variant, the three processes taking turns.",
+        "",
+        f"Rounds used (clean: other work under {CLEAN_CPUS} CPUs while the round ran; all rounds when fewer "
+        f"than 3 were): inference {summary['inference']['base']['rounds_used']} of {summary['inference']['base']['rounds']}, "
+        f"training {summary['training']['rounds_used']} of {summary['training']['rounds']}, "
+        f"files {summary['io']['load']['ratio']['rounds_used']} of {summary['io']['load']['ratio']['rounds']}. "
+        "Medians are over the clean rounds, best times over all.",
         "",
         f"Check (float32): lorakit vs PEFT logits {check['lorakit_vs_peft']:.2g}, lorakit merged vs unmerged "
         f"{check['lorakit_merged_vs_unmerged']:.2g}, PEFT merged vs unmerged {check['peft_merged_vs_unmerged']:.2g}; "
@@ -266,8 +275,9 @@ def body(result: dict) -> str:
         f"Date: {meta['machine']['date']}.",
         "",
         f"Machine: {machine_line(meta)}. Load average (1/5/15 min) {_load(load)} at the start and "
-        f"{_load(meta.get('loadavg_end'))} at the end (other work shares the cores: every comparison is "
-        "interleaved and its ratio taken round by round). " + code_line(meta),
+        f"{_load(meta.get('loadavg_end'))} at the end; other work shares the cores, so every comparison is "
+        "interleaved, its ratio taken round by round, each round started when the machine was quiet "
+        f"(waited {meta.get('waited_for_quiet_s', 0):.0f} s in all) and its other work recorded. " + code_line(meta),
         "",
         "Memory: `peak RSS` is the kernel's high-water mark (VmHWM) of the training process's resident memory, "
         "reset after the model is built and read after the last step: weights, gradients, AdamW state, "
@@ -338,8 +348,10 @@ def chart_rows(summary: dict) -> list[tuple[str, float, float | None, float | No
             ("train step: lorakit / full", tr["step lorakit/full"], 0.65),
             ("train step: PEFT / full", tr["step peft/full"], None),
             ("train step: lorakit / PEFT", tr["step lorakit/peft"], 0.90),
+            ("train step: lorakit / floor (no adapter)", tr["step lorakit/floor"], None),
             ("peak RSS: lorakit / full", tr["memory lorakit/full"], None),
             ("peak RSS: lorakit / PEFT", tr["memory lorakit/peft"], 0.85),
+            ("peak RSS: lorakit / floor (no adapter)", tr["memory lorakit/floor"], None),
             ("load + activate: lorakit / PEFT", io["load"]["ratio"], None),
             ("cold load: lorakit / PEFT", io["cold load"]["ratio"], None),
             ("save: lorakit / PEFT", io["save"]["ratio"], None),

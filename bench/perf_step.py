@@ -1,4 +1,5 @@
-"""Training steps of one configuration (full fine-tuning, PEFT LoRA or lorakit LoRA), in a process of its own.
+"""Training steps of one configuration (full fine-tuning, PEFT LoRA, lorakit LoRA or the no-adapter floor),
+in a process of its own.
 
 bench/perf.py starts one process per configuration, all at once, and has them take turns one
 step at a time (the order rotating each round), so that a shared, noisy CPU slows every
@@ -14,7 +15,10 @@ answers commands on stdin with one JSON line each on stdout:
 
 Every configuration runs the same step on the same random batch: zero_grad ->
 model(input_ids, labels=input_ids).loss (the model's own causal-LM cross-entropy) -> backward ->
-AdamW step. The model is in train mode (GPT-2's dropout is on, for every variant alike).
+AdamW step. The model is in train mode (GPT-2's dropout is on, for every variant alike). `floor`
+is the frozen model with no adapter whose backward still runs down to the first layer (the
+embeddings' output requires grad): about the least a LoRA step with adapters in every layer can
+cost, in time and in activations kept.
 
 Memory: the kernel's RSS high-water mark (VmHWM) is reset just before the first step, after the
 model is built (a transient peak while reading weights does not count), and read by `stats`:
@@ -38,9 +42,10 @@ from pathlib import Path
 import torch
 
 import perf_models as pm
+from perf_load import Meter, QuietGate
 
 BENCH = Path(__file__).resolve().parent
-VARIANTS = ("full", "peft", "lorakit")
+VARIANTS = ("full", "peft", "lorakit", "floor")  # floor: the frozen model's own forward + backward, no adapter
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,9 @@ class Trainer:
         started = time.perf_counter()
         self.spec = spec
         self.model, self.params = prepare(spec)
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr)
+        # The floor trains nothing: its AdamW holds one empty parameter (never given a gradient), so
+        # every variant runs the same zero_grad/step calls.
+        self.optimizer = torch.optim.AdamW(self.params or [torch.nn.Parameter(torch.zeros(0))], lr=spec.lr)
         self.ids = pm.random_ids(self.model, spec.batch, spec.seq)
         self.setup_s = time.perf_counter() - started
         self.rss_before = self.peak_reset = None
@@ -135,6 +142,11 @@ def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
             p.requires_grad_(True)
     elif spec.variant == "lorakit":
         pm.add_lorakit(model, spec.targets, spec.rank, spec.alpha)
+    elif spec.variant == "floor":
+        # No weight trains, but the gradient flows back to the first layer's input, as it must for
+        # adapters in every layer: the least any LoRA library's step can cost.
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
     else:
         model = pm.add_peft(model, spec.targets, spec.rank, spec.alpha)
     model.train()
@@ -165,7 +177,7 @@ class LocalWorker:
 
     def __init__(self, spec: StepSpec) -> None:
         torch.set_num_threads(spec.threads)
-        self.trainer = Trainer(spec)
+        self.trainer, self.pid = Trainer(spec), os.getpid()  # pid: whose CPU time is the benchmark's
 
     def ready(self) -> dict:
         return {"ready": True, "setup_s": self.trainer.setup_s}
@@ -189,6 +201,7 @@ class ProcessWorker:
         self.process = subprocess.Popen([sys.executable, str(BENCH / "perf_step.py"), json.dumps(asdict(spec))],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
                                         text=True, env=env)
+        self.pid = self.process.pid
 
     def ready(self) -> dict:
         return self._read()
@@ -224,11 +237,12 @@ class ProcessWorker:
 
 
 def lockstep(specs: dict[str, StepSpec], rounds: int, isolate: bool = True, profile: bool = False,
-             progress=lambda text: None) -> dict:
-    """Start a worker per configuration, then `rounds` rounds of one step each, the order rotating.
+             gate: QuietGate | None = None, progress=lambda text: None) -> dict:
+    """Start a worker per configuration, then `rounds` rounds of one step each, the order rotating;
+    each round waits for a quiet machine first (given a gate) and records the CPUs other work used.
 
-    Returns {"steps": [per step: round, position, variant, phase times], "stats": {variant: stats},
-    "profiles": {variant: report} (empty unless `profile`), "isolated": bool}.
+    Returns {"steps": [per step: round, position, variant, phase times], "others": [per round],
+    "stats": {variant: stats}, "profiles": {variant: report} (empty unless `profile`), "isolated"}.
     """
     worker = ProcessWorker if isolate else LocalWorker
     threads = torch.get_num_threads()
@@ -238,19 +252,24 @@ def lockstep(specs: dict[str, StepSpec], rounds: int, isolate: bool = True, prof
             workers[variant] = worker(spec)
         for w in workers.values():
             w.ready()
-        order, steps = list(specs), []
+        pids = [w.pid for w in workers.values()]
+        order, steps, others = list(specs), [], []
         for round_ in range(rounds):
-            shift = round_ % len(order)
+            if gate is not None:
+                gate.wait(pids)
             progress(f"round {round_ + 1}/{rounds}")
+            meter = Meter(pids)
+            shift = round_ % len(order)
             for position, variant in enumerate(order[shift:] + order[:shift]):
                 steps.append({"round": round_, "position": position, "variant": variant, **workers[variant].ask("step")})
+            others.append(meter.others())
         stats = {variant: w.ask("stats") for variant, w in workers.items()}
         profiles = {variant: w.ask("profile") for variant, w in workers.items()} if profile else {}
     finally:
         for w in workers.values():
             w.close()
         torch.set_num_threads(threads)
-    return {"steps": steps, "stats": stats, "profiles": profiles, "isolated": isolate}
+    return {"steps": steps, "others": others, "stats": stats, "profiles": profiles, "isolated": isolate}
 
 
 def main(argv: list[str]) -> int:

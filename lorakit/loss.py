@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CHUNK_BYTES = 8 * 2**20  # float32 logits per chunk
+CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk at most: 256+ rows of a 50k vocabulary, full-speed matmuls
 IGNORE = -100
 
 _POST_PROCESSED: set[type] = set()  # model classes whose logits are not head(hidden) verbatim
@@ -102,7 +102,9 @@ def _intercepted(head: nn.Module):
 
 def _chunked_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, vocab: int,
                   bf16: bool) -> torch.Tensor:
-    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    count = hidden.shape[:-1].numel()
+    chunks = -(-count // max(1, CHUNK_BYTES // (4 * vocab)))  # as few as the budget allows, of equal size
+    rows = -(-count // max(1, chunks))
     with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=bf16):
         need_grad = torch.is_grad_enabled() and hidden.requires_grad  # no gradient work when evaluating
         return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, _targets(labels), rows, need_grad)
@@ -111,8 +113,9 @@ def _chunked_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, v
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W.T + b, y_i) over rows of `hidden` (B, T, d), `rows` at a time, W and b frozen.
 
-    Per chunk: logits (rows, V) -> p = softmax; loss += lse - logit[y]; dL/dh = (p - onehot(y)) @ W,
-    zero for ignored targets. dL/dh (B, T, d) is all that is kept for backward.
+    Per chunk, in one (rows, V) float32 buffer: logits z -> p = softmax(z) in place; loss +=
+    max + log(sum exp(z - max)) - z[y]; dL/dh = (p - onehot(y)) @ W, zero for ignored targets.
+    dL/dh (B, T, d) is all that is kept for backward, which only scales it.
     """
 
     @staticmethod
@@ -122,13 +125,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = flat.new_zeros((), dtype=torch.float32)
         for start in range(0, flat.shape[0], rows):
             chunk = slice(start, start + rows)
-            logp = torch.log_softmax(F.linear(flat[chunk], weight, bias).float(), dim=-1)  # (rows, V)
-            total = total + F.nll_loss(logp, targets[chunk], ignore_index=IGNORE, reduction="sum")
-            if need_grad:
-                valid = (targets[chunk] != IGNORE)[:, None]  # (rows, 1)
-                probs = logp.exp_().mul_(valid)  # in place: logp is not needed again
-                probs.scatter_add_(1, targets[chunk].clamp(min=0)[:, None], -valid.to(probs.dtype))
-                grad[chunk] = probs.to(weight.dtype) @ weight  # (rows, d)
+            total = total + _chunk_cross_entropy(flat[chunk], weight, bias, targets[chunk],
+                                                 None if grad is None else grad[chunk])
         ctx.save_for_backward(grad)
         ctx.shape = hidden.shape
         return total
@@ -138,3 +136,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
         return (grad * grad_total).view(ctx.shape), None, None, None, None, None
+
+
+def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """Summed cross-entropy of (rows, d) hidden states; dL/dh written into `grad` if given. Its one
+    (rows, V) buffer is freed on return, before the next chunk's is made."""
+    valid = (targets != IGNORE)[:, None]  # (rows, 1)
+    target = targets.clamp(min=0)[:, None]  # ignored rows point at class 0, then are zeroed
+    z = F.linear(hidden, weight, bias).float()  # (rows, V) logits
+    picked, top = z.gather(1, target), z.amax(dim=1, keepdim=True)  # (rows, 1) each
+    sums = z.sub_(top).exp_().sum(dim=1, keepdim=True)  # z now holds exp(z - max)
+    if grad is not None:
+        probs = z.div_(sums).mul_(valid)  # softmax, in place
+        probs.scatter_add_(1, target, -valid.to(probs.dtype))
+        grad.copy_(probs.to(weight.dtype) @ weight)  # (rows, d)
+    return ((top + sums.log() - picked) * valid).sum()

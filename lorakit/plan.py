@@ -69,8 +69,9 @@ class PlanConfig:
             raise problems_error("invalid plan options", problems)
 
     def run(self) -> dict:
-        return plan(self.model, self.rank, self.targets, self.batch, self.seq, dropout=self.dropout,
-                    dtype=getattr(torch, self.dtype), bf16=self.bf16, grad_checkpointing=self.grad_checkpointing)
+        result = plan(self.model, self.rank, self.targets, self.batch, self.seq, dropout=self.dropout,
+                      dtype=getattr(torch, self.dtype), bf16=self.bf16, grad_checkpointing=self.grad_checkpointing)
+        return {**result, "model": self.model}  # the name given, not the folder it resolved to
 
 
 def plan(model_or_config, rank: int = 8, targets=("q_proj", "v_proj"), batch: int = 8, seq: int = 128, *,
@@ -177,7 +178,8 @@ class _LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs | self._alive:
+            key = t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
+            if key is not None and key not in inputs and key not in self._alive:
                 self._add(t.untyped_storage())
         return out
 

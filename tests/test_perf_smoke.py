@@ -1,5 +1,6 @@
 """bench/perf.py still runs: every section on a tiny GPT-2 in a few seconds, records and report included."""
 import json
+import time
 import subprocess
 import sys
 from collections import Counter
@@ -24,7 +25,7 @@ TINY = perf.Case("gpt2-tiny", batch=2, seq=8, train_batch=2, train_seq=8, train_
 
 def tiny_settings(tmp_path: Path, **changes) -> perf.Settings:
     fields = dict(cases=(TINY,), infer_repeats=2, merge_repeats=2, io_repeats=2, switch_repeats=3, threads=1,
-                  isolate=False, profile=False, out=tmp_path / "perf.jsonl", plot=tmp_path / "perf.png",
+                  isolate=False, quiet_budget_s=0, profile=False, out=tmp_path / "perf.jsonl", plot=tmp_path / "perf.png",
                   profile_out=tmp_path / "profile.txt", results_md=tmp_path / "RESULTS.md")
     return perf.Settings(**{**fields, **changes})
 
@@ -47,7 +48,7 @@ def test_every_measurement_is_recorded(tiny_run):
     assert len({r["run"] for r in records}) == 1
     kinds = Counter(r["kind"] for r in records)
     rounds = TINY.train_warmup + TINY.train_steps
-    assert kinds == {"meta": 1, "check": 1, "time": 5 + 4 + 8, "precision": 2, "train_step": 3 * rounds, "train": 3,
+    assert kinds == {"meta": 1, "check": 1, "time": 5 + 4 + 8, "precision": 2, "train_step": 4 * rounds, "train": 4,
                      "summary": 1, "end": 1}
     assert next(r for r in records if r["kind"] == "check")["passed"]
     times = {(r["section"], r["op"]): r["ms"] for r in records if r["kind"] == "time"}
@@ -56,11 +57,12 @@ def test_every_measurement_is_recorded(tiny_run):
     steps = [r for r in records if r["kind"] == "train_step"]
     for round_ in range(rounds):  # every round steps each variant once, the order rotating
         order = [r["variant"] for r in steps if r["round"] == round_]
-        assert sorted(order) == sorted(perf_step.VARIANTS) and order[0] == perf_step.VARIANTS[round_ % 3]
+        assert sorted(order) == sorted(perf_step.VARIANTS) and order[0] == perf_step.VARIANTS[round_ % 4]
     train = {r["variant"]: r for r in records if r["kind"] == "train"}
     assert set(train) == set(perf_step.VARIANTS)
     assert all(r["peak_rss_mb"] >= r["rss_before_mb"] > 0 for r in train.values())
     assert train["lorakit"]["trainable"] == train["peft"]["trainable"] < train["full"]["trainable"]
+    assert train["floor"]["trainable"] == 0
     summary = result["models"]["gpt2-tiny"]["training"]
     assert summary["rounds"] == TINY.train_steps and not summary["isolated"]
 
@@ -114,3 +116,30 @@ def test_a_verdict_needs_both_estimates_to_agree():
     measured, state, why = target.verdict(summary(0.8, 1.0))
     assert state == perf_report.INCONCLUSIVE and measured == "0.800x median; 1.000x best"
     assert why == "median 0.100x under; best 0.100x (11%) over"
+
+
+def test_rounds_with_other_work_are_left_out_of_the_medians():
+    assert perf.clean_rounds([0.1, 2.0, 0.2, 0.0]) == [0, 2, 3]
+    assert perf.clean_rounds([0.1, 2.0, 1.5, 0.0]) == [0, 1, 2, 3]  # fewer than 3 clean: all rounds
+    stats = perf.ratio_stats([2.0, 9.0, 2.0, 2.2], [2.0, 3.0, 2.0, 2.0], [0.0, 1.8, 0.1, 0.2])
+    assert stats["ratio"] == 1.0 and stats["ratio_max"] == 1.1 and stats["rounds_used"] == 3
+    assert stats["best"] == 1.0  # best times come from every round
+
+
+def test_the_load_meter_does_not_count_the_benchmark_itself():
+    import perf_load
+
+    def others(busy: bool) -> float:
+        meter = perf_load.Meter()
+        end = time.perf_counter() + 0.3
+        while busy and time.perf_counter() < end:  # this process busy on one CPU
+            pass
+        time.sleep(max(0.0, end - time.perf_counter()))
+        return meter.others()
+
+    idle, busy = others(False), others(True)
+    assert idle >= 0 and busy >= 0
+    assert busy - idle < 0.6  # counted as other work, our own loop would add about 1 CPU
+    gate = perf_load.QuietGate(threshold=float("inf"), window_s=0.01)
+    gate.wait()
+    assert 0.01 <= gate.waited_s < 1.0

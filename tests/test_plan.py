@@ -129,6 +129,6 @@ def test_lorakit_plan_prints_parameters_size_and_memory(tmp_path, capsys):
     assert "trainable" in out and "adapter file" in out and "peak" in out and "LoRA" in out and "full" in out
     assert main(argv + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result == plan(str(directory), rank=2, targets=("q_proj", "v_proj"), batch=2, seq=16)
+    assert result == {**plan(str(directory), rank=2, targets=("q_proj", "v_proj"), batch=2, seq=16), "model": str(directory)}
     assert main(["plan", "--model", str(directory), "--rank", "0"]) == 2
     assert "--rank=0" in capsys.readouterr().err
