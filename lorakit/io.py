@@ -28,7 +28,8 @@ from .modules_to_save import saved_modules, saved_paths
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the base fingerprint samples FINGERPRINT_ENTRIES entries (1: every entry)
+FINGERPRINT_ENTRIES = 4096
 PREFIX = "base_model.model."
 SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for task_type SEQ_CLS
 
@@ -215,18 +216,24 @@ def _umask() -> int:
 
 # --- base fingerprint ---------------------------------------------------------------------------------
 def base_fingerprint(model: nn.Module, paths: list[str]) -> dict[str, list[float]]:
-    """Per adapted module: mean, RMS and a fixed random projection of the original base weight.
+    """Per adapted module: mean, RMS and a fixed random projection of the original base weight,
+    all over FINGERPRINT_ENTRIES entries at fixed random positions (a probe, not a checksum: it
+    costs microseconds per module, so loading an adapter stays in milliseconds).
 
     Robust to dtype casts (float32 / bfloat16 / float16 copies of one model agree to ~1e-3 of the
-    RMS); a different model differs by about the RMS itself.
+    RMS); a different model (another pretraining, another seed) differs by about the RMS itself.
     """
     modules = dict(model.named_modules())
     result = {}
     for path in paths:
         module = modules[path]
         weight = module.original_weight if isinstance(module, LoraLayer) else module.weight
-        w = weight.detach().float().flatten().cpu()
-        probe = torch.randn(w.numel(), generator=torch.Generator().manual_seed(0))
+        w = weight.detach().reshape(-1)
+        generator = torch.Generator().manual_seed(0)
+        if w.numel() > FINGERPRINT_ENTRIES:
+            w = w[torch.randint(w.numel(), (FINGERPRINT_ENTRIES,), generator=generator).to(w.device)]
+        w = w.float().cpu()
+        probe = torch.randn(w.numel(), generator=generator)
         result[path] = [w.mean().item(), w.square().mean().sqrt().item(), (w @ probe).item() / math.sqrt(w.numel())]
     return result
 
@@ -466,6 +473,8 @@ def _check_tensors(model, config: LoraConfig, paths: list[str], tensors: dict, d
 
 def _check_fingerprint(model, paths, metadata: dict, directory: Path, allow: bool) -> None:
     if allow or "lorakit_base_fingerprint" not in metadata:
+        return
+    if metadata.get("lorakit_format_version") != FORMAT_VERSION:  # another fingerprint method: not comparable
         return
     try:
         saved = json.loads(metadata["lorakit_base_fingerprint"])

@@ -97,7 +97,7 @@ def test_files_are_peft_layout_with_lorakit_metadata(saved):
     assert "base_model.model.embed.lora_embedding_B" in keys
     with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
         meta = f.metadata()
-    assert meta["lorakit_format_version"] == "1"
+    assert meta["lorakit_format_version"] == lk.io.FORMAT_VERSION
     assert set(json.loads(meta["lorakit_base_fingerprint"])) == {"embed", "conv", "proj"}
 
 
@@ -288,7 +288,7 @@ def test_adapter_info_reads_config_counts_and_metadata(tmp_path):
     assert info["modules"] == len(layers) == 3
     assert info["parameters"] == sum(l.lora_A["default"].numel() + l.lora_B["default"].numel() for l in layers.values())
     assert info["config"]["rank"] == 4 and info["config"]["alpha"] == 8 and info["config"]["rank_pattern"] == {"conv": 2}
-    assert info["task"] == "classify" and info["label_names"] == ["no", "yes"] and info["format_version"] == "1"
+    assert info["task"] == "classify" and info["label_names"] == ["no", "yes"] and info["format_version"] == lk.io.FORMAT_VERSION
     assert info["files"] == {n: (directory / n).stat().st_size for n in (CONFIG_FILE, WEIGHTS_FILE)}
     assert len(info["base_fingerprint"]) == 12
 
@@ -300,3 +300,32 @@ def test_adapter_info_of_a_file_without_lorakit_metadata(saved):
     info = lk.adapter_info(directory)
     assert info["format_version"] is None and info["task"] is None and info["base_fingerprint"] is None
     assert info["modules"] == 3
+
+
+def test_fingerprint_of_a_large_weight_samples_it_and_still_tells_bases_apart():
+    """Past FINGERPRINT_ENTRIES entries the probe samples fixed positions: a re-seeded base differs,
+    a scaled copy differs, a bfloat16 copy agrees."""
+    def fingerprint(weight):
+        return lk.io.base_fingerprint(_holding(weight), ["proj"])
+
+    n = 4 * lk.io.FINGERPRINT_ENTRIES
+    w = torch.randn(n // 64, 64, generator=torch.Generator().manual_seed(0))
+    same = fingerprint(w)
+    assert lk.io._fingerprint_problems(same, fingerprint(w.clone())) == []
+    assert lk.io._fingerprint_problems(same, fingerprint(w.to(torch.bfloat16))) == []
+    assert lk.io._fingerprint_problems(same, fingerprint(torch.randn(w.shape))) == ["proj"]
+    assert lk.io._fingerprint_problems(same, fingerprint(w * 1.1)) == ["proj"]
+
+
+def _holding(weight: torch.Tensor) -> nn.Module:
+    holder = nn.ModuleDict({"proj": nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)})
+    holder["proj"].weight.data = weight
+    return holder
+
+
+def test_an_adapter_with_an_older_fingerprint_method_loads_unchecked(saved, tmp_path):
+    """Format 1 fingerprinted every entry; its numbers are not comparable, so they are not compared."""
+    model, directory = saved
+    tensors, metadata = lk.io._read_weights(directory / WEIGHTS_FILE)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={**metadata, "lorakit_format_version": "1"})
+    lk.load_adapter(fresh(seed=1), directory)  # a different base, but nothing to compare with
