@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test quick bench clean
+.PHONY: install demo test quick bench analysis clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ quick: install
 # `make bench BENCH_ARGS=--quick` is a smoke run that leaves RESULTS.md alone.
 bench: install
 	$(PY) bench/perf.py $(BENCH_ARGS)
+
+# The runs behind docs/analysis.md (about 10 min): MiniLM adapters (rank 8 twice, rank 64) and full
+# fine-tuning on data/wordnet_supersenses.jsonl, then `lorakit analyze`; reports in docs/analysis/.
+analysis: install
+	$(PY) docs/make_analysis.py $(ANALYSIS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -13,9 +13,9 @@ answers commands on stdin with one JSON line each on stdout:
     profile -> torch.profiler's report of one more step
     exit
 
-Every configuration runs the same step on the same random batch: zero_grad ->
-model(input_ids, labels=input_ids).loss (the model's own causal-LM cross-entropy) -> backward ->
-AdamW step. The model is in train mode (GPT-2's dropout is on, for every variant alike). `floor`
+Every configuration runs the same step on the same random batch: zero_grad -> the mean causal-LM
+cross-entropy (lorakit: lorakit train's chunked loss; full, PEFT and floor: the model's own
+`labels=` loss, as transformers' Trainer computes it; the values agree) -> backward -> AdamW step. The model is in train mode (GPT-2's dropout is on, for every variant alike). `floor`
 is the frozen model with no adapter whose backward still runs down to the first layer (the
 embeddings' output requires grad): about the least a LoRA step with adapters in every layer can
 cost, in time and in activations kept.
@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 import perf_models as pm
+from lorakit.train import summed_loss
 from perf_load import Meter, QuietGate
 
 BENCH = Path(__file__).resolve().parent
@@ -90,7 +91,7 @@ class Trainer:
         cpu = time.process_time()
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss = self.loss()
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -98,6 +99,17 @@ class Trainer:
         t3 = time.perf_counter()
         return {"forward_ms": (t1 - t0) * 1e3, "backward_ms": (t2 - t1) * 1e3, "optimizer_ms": (t3 - t2) * 1e3,
                 "step_ms": (t3 - t0) * 1e3, "cpu_ms": (time.process_time() - cpu) * 1e3, "loss": loss.item()}
+
+    def loss(self) -> torch.Tensor:
+        """Mean next-token cross-entropy of the batch, computed the way the variant's users train:
+        lorakit through `lorakit train`'s own loss (lorakit.train.summed_loss: chunked, never holding
+        the (batch, seq, vocab) logits), the others through the model's own `labels=` loss (what
+        transformers' Trainer calls)."""
+        if self.spec.variant != "lorakit":
+            return self.model(input_ids=self.ids, labels=self.ids).loss
+        batch = {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids), "labels": self.ids}
+        summed, _ = summed_loss(self.model, batch, "causal-lm", self.ids.device)
+        return summed / (self.ids.shape[0] * (self.ids.shape[1] - 1))
 
     def stats(self) -> dict:
         """The configuration and its memory so far (MB)."""
@@ -114,7 +126,7 @@ class Trainer:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             self.optimizer.zero_grad(set_to_none=True)
             with record_function("phase: forward"):
-                loss = self.model(input_ids=self.ids, labels=self.ids).loss
+                loss = self.loss()
             with record_function("phase: backward"):
                 loss.backward()
             with record_function("phase: optimizer"):

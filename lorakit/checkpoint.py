@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import LoraError
+from .files import write_text_atomically
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -75,7 +76,7 @@ def save_checkpoint(run_dir: Path, state: TrainingState, keep: int = 2, write_ex
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / LATEST, name + "\n")
+    write_text_atomically(root / LATEST, name + "\n")
     _prune(root, keep)
     return final
 
@@ -127,14 +128,6 @@ def _fsync_tree(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-
-
-def _write_text_atomic(target: Path, text: str) -> None:
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -24,6 +24,7 @@ EXAMPLES = {
     "generate": 'lorakit generate --model smollm2-135m --adapter out/run/adapter --prompt "Who made the heaven?"',
     "merge": "lorakit merge --model smollm2-135m --adapter out/run/adapter --out out/merged",
     "inspect": "lorakit inspect out/run/adapter",
+    "analyze": "lorakit analyze out/r8/adapter --compare out/r64/adapter --base minilm-l6 --out out/analysis",
     "plan": "lorakit plan --model smollm2-135m --rank 8 --targets q_proj,v_proj --batch 8 --seq 128",
 }
 
@@ -69,13 +70,16 @@ class _Flag(argparse.BooleanOptionalAction):
 
 
 # Options whose value must name something on disk: checked while parsing, so the error names the option.
-PATH_TYPES = {"data": existing_file, "resume": existing_directory}
+PATH_TYPES = {"data": existing_file, "resume": existing_directory, "compare": existing_directory}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field of the dataclass `cls`: --field-name, typed, with its metadata's help and choices."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the dataclass `cls` (but `skip`): --field-name, typed, with its metadata's
+    help and choices."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         kind, option = hints[f.name], "--" + f.name.replace("_", "-")
         shown = {True: "on", False: "off"}.get(f.default, f.default) if kind is bool else f.default
         shown = ",".join(shown) if isinstance(shown, tuple) else shown
@@ -169,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", type=existing_directory, metavar="ADAPTER",
                          help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    from .analysis_report import AnalyzeConfig
+
+    analyzer = command("analyze", "what an update learned (the LoRA paper's section 7): spectra and effective rank, "
+                                  "subspace similarity with --compare, amplification of W with --base; writes "
+                                  "report.md, report.json and PNG figures", _analyze)
+    analyzer.add_argument("adapter", type=existing_directory, metavar="ADAPTER",
+                          help="adapter folder, or a fully fine-tuned model folder (with --base)")
+    add_dataclass_options(analyzer, AnalyzeConfig, skip=("adapter",))
 
     planner = command("plan", "predict trainable parameters, adapter file size and peak training memory, LoRA "
                               "and full fine-tuning (builds the model without its weights)", _plan)
@@ -432,6 +445,26 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 # --- plan ------------------------------------------------------------------------------------------------
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import by_group
+    from .analysis_report import AnalyzeConfig
+
+    cfg = AnalyzeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnalyzeConfig)})
+    result = cfg.run()
+    for group, members in by_group(result["modules"]).items():
+        line = (f"{group}: {len(members)} modules, energy rank (90%) "
+                f"{sum(m['energy_rank'] for m in members) / len(members):.1f}")
+        phis = [m["similarity"]["phi"][0][0] for m in members if "similarity" in m]
+        if phis:
+            line += f", phi(1, 1) {sum(phis) / len(phis):.3f}"
+        factors = [m["amplification"]["factor"] for m in members if "amplification" in m]
+        if factors:
+            line += f", amplification {sum(factors) / len(factors):.2f}"
+        print(line)
+    print(f"report: {Path(cfg.out) / 'report.md'}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .plan import PlanConfig
 

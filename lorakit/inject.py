@@ -29,12 +29,11 @@ def check_adapter_name(adapter) -> None:
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module a target may name, with LoRA layers and modules to save standing in for the
     module they wrap."""
-    found, inside_lora = [], []
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in inside_lora):
+    found, wrapper = [], None  # wrapper: "path." of the LoRA layer / module to save being skipped
+    for path, module in model.named_modules():  # depth first: a wrapper's insides follow it directly
+        if wrapper is not None and path.startswith(wrapper):
             continue
-        if isinstance(module, (LoraLayer, ModuleToSave)):
-            inside_lora.append(path)
+        wrapper = path + "." if isinstance(module, (LoraLayer, ModuleToSave)) else None
         if path:
             found.append((path, module))
     return found

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import secrets
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from .adapters import adapter_config, adapter_paths, adapters
 from .config import LoraConfig
 from .errors import LoraError, problems_error
+from .files import write_atomically
 from .inject import active_adapter, base_of, candidate_modules, check_adapter_name, inject_, is_linear, output_head
 from .layers import LoraConv1D, LoraEmbedding, LoraLayer, layer_class_for, lora_layers
 from .modules_to_save import saved_modules, saved_paths
@@ -86,9 +86,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | 
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     text = json.dumps(_peft_config(model, config, paths, layers, task, list(written)), indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_atomically(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
     return directory
 
 
@@ -193,25 +193,6 @@ def _bias_params(model: nn.Module, bias: str, paths: list[str], saved=()) -> dic
         if param is not None:
             found[f"{PREFIX}{path}.base_layer.bias" if path in adapted else f"{PREFIX}{path}.bias"] = param
     return found
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600; give the usual permissions
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --- base fingerprint ---------------------------------------------------------------------------------
@@ -533,6 +514,30 @@ def _apply(model: nn.Module, config: LoraConfig, paths: list[str], tensors: dict
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         raise
+
+
+# --- reading the factors alone --------------------------------------------------------------------
+def read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scale) per adapted module of an adapter folder, read without a model: enough to study
+    the update dW = scale * B @ A itself (lorakit.analysis). Paths are the file's own; A is
+    (r, fan_in[, *kernel]), B (d_out, r[, *ones]), as stored."""
+    directory = Path(directory)
+    raw = _read_config(directory)
+    tensors, _ = _read_weights(directory / WEIGHTS_FILE)
+    factor = re.compile(rf"{re.escape(PREFIX)}(.+)\.lora_(A\.weight|embedding_A)")
+    pairs = {}
+    for key, A in tensors.items():
+        found = factor.fullmatch(key)
+        if found is None:
+            continue
+        key_b = key[: -len(found.group(2))] + found.group(2).replace("A", "B")
+        if key_b not in tensors:
+            raise LoraError(f"{directory / WEIGHTS_FILE}: {key!r} has no matching {key_b!r}; save the adapter again")
+        pairs[found.group(1)] = (A, tensors[key_b])
+    if not pairs:
+        raise LoraError(f"{directory / WEIGHTS_FILE}: holds no LoRA factors (keys like {PREFIX}<module>.lora_A.weight)")
+    config = _lorakit_config(raw, list(pairs), [])
+    return {path: (A, B, config.scale_for(path)) for path, (A, B) in pairs.items()}
 
 
 # --- inspecting -------------------------------------------------------------------------------------

@@ -61,6 +61,12 @@ class LoraLayer(nn.Module):
         """(d_out, fan_in*k) float32 update -> the base weight's own layout."""
         return delta.reshape(self.base_layer.weight.shape)
 
+    @staticmethod
+    def as_update_matrix(weight: torch.Tensor) -> torch.Tensor:
+        """A base weight in its own layout -> the (d_out, fan_in*k) matrix that B @ A adds to
+        (the inverse of to_weight_layout)."""
+        return weight.reshape(weight.shape[0], -1)
+
     # --- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str, config: LoraConfig) -> None:
         """Create adapter `name` with the rank/alpha/dropout/init `config` gives for `path`."""
@@ -192,6 +198,10 @@ class LoraConv1D(LoraLayer):
     def to_weight_layout(self, delta):
         return delta.t()
 
+    @staticmethod
+    def as_update_matrix(weight):
+        return weight.t()
+
 
 class LoraEmbedding(LoraLayer):
     """nn.Embedding, weight (num_embeddings, dim): A (r, num_embeddings), B (dim, r). No dropout."""
@@ -212,6 +222,10 @@ class LoraEmbedding(LoraLayer):
 
     def to_weight_layout(self, delta):
         return delta.t()
+
+    @staticmethod
+    def as_update_matrix(weight):
+        return weight.t()
 
 
 class LoraConv(LoraLayer):

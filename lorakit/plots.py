@@ -1,17 +1,17 @@
-"""Figures a person would rather look at than read: the loss curve of a training run."""
+"""Figures a person would rather look at than read: a training run's loss curve; an update's spectra and
+subspace-similarity heatmaps (lorakit analyze). Every file is written atomically."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .analysis import by_group
+from .files import write_atomically
+
 
 def plot_loss_curve(log_file: Path, png: Path) -> Path:
     """Training loss per step and held-out loss at each evaluation, from a run's JSON-lines log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     records = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
@@ -26,8 +26,65 @@ def plot_loss_curve(log_file: Path, png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return _save_figure(fig, png)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, png: Path) -> Path:
+    plt = _pyplot()
+    try:
+        return write_atomically(png, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_spectra(result: dict, png: Path) -> Path:
+    """Per kind of module, sigma_k / sigma_1 of each layer's update against k (log scale), coloured by depth."""
+    plt = _pyplot()
+    groups = by_group(result["modules"])
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), dpi=110, squeeze=False)
+    for ax, (group, members) in zip(axes[0], groups.items()):
+        colours = plt.get_cmap("viridis")
+        for n, m in enumerate(members):
+            values = [v / m["spectrum"][0] for v in m["spectrum"]] if m["spectrum"] and m["spectrum"][0] > 0 else []
+            label = f"layer {m['layer']}" if m["layer"] is not None else m["path"]
+            ax.plot(range(1, len(values) + 1), values, ".-", color=colours(n / max(1, len(members) - 1)),
+                    label=label, alpha=0.85)
+        ax.set_yscale("log")
+        ax.set_xlabel("direction k (by singular value)")
+        ax.set_ylabel("sigma_k / sigma_1")
+        ax.set_title(f"spectrum of dW: {group}", fontsize=9)
+        ax.grid(alpha=0.3)
+        if len(members) <= 12:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save_figure(fig, png)
+
+
+def plot_similarity(result: dict, png: Path, zoom: int = 8) -> Path:
+    """Per kind of module: phi(i, j) averaged over layers, whole and its top-`zoom` corner (the
+    paper's Figure 3 layout: i down, j across, brighter = more alike)."""
+    plt = _pyplot()
+    groups = by_group([m for m in result["modules"] if "similarity" in m])
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.4 * len(groups)), dpi=110, squeeze=False)
+    for row, (group, members) in zip(axes, groups.items()):
+        phis = [m["similarity"]["phi"] for m in members]
+        rows, cols = min(len(p) for p in phis), min(len(p[0]) for p in phis)
+        mean = [[sum(p[i][j] for p in phis) / len(phis) for j in range(cols)] for i in range(rows)]
+        for ax, (r, c), title in ((row[0], (rows, cols), "all directions"),
+                                  (row[1], (min(rows, zoom), min(cols, zoom)), f"top {zoom}")):
+            image = ax.imshow([line[:c] for line in mean[:r]], vmin=0, vmax=1, cmap="inferno", aspect="auto",
+                              extent=(0.5, c + 0.5, r + 0.5, 0.5), interpolation="nearest")
+            ax.set_xlabel("j (second update's top-j directions)")
+            ax.set_ylabel("i (first update's top-i)")
+            ax.set_title(f"phi(i, j), {group}: {title}, mean of {len(members)} layers", fontsize=9)
+        fig.colorbar(image, ax=row.tolist(), shrink=0.85)
+    return _save_figure(fig, png)

@@ -23,6 +23,7 @@ from .config import LoraConfig
 from .data import TASKS, BatchStream, collate, load_dataset, padding_id, split_dataset
 from .distributed import World, all_reduce_sum, barrier, close_world, init_world, reduce_gradients
 from .errors import LoraError, problems_error
+from .files import write_text_atomically
 from .inject import inject_
 from .io import save_adapter
 from .loss import summed_causal_lm_loss
@@ -358,7 +359,7 @@ class _Run:
             "peak_memory_bytes": _peak_memory(self.world),
             "config": self.cfg.to_dict(),
         }
-        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         from .plots import plot_loss_curve
 
         plot_loss_curve(self.out / LOG_FILE, self.out / "loss.png")
