@@ -208,7 +208,9 @@ def model_block(name: str, summary: dict, level: str = "###") -> str:
         "",
         inference_table(summary),
         "",
-        "Training step (zero_grad, forward with labels=, backward, AdamW; each configuration in its own process):",
+        "Training step (zero_grad, forward + mean causal-LM loss, backward, AdamW; each configuration in its own process; "
+        "lorakit computes the loss the way `lorakit train` does, by chunks without the full logits, the others with "
+        "the model's own `labels=` loss, as transformers' Trainer does):",
         "",
         training_table(summary),
         "",

@@ -24,9 +24,13 @@ RUNS = {
     "r8-seed1": replace(LORA, seed=1),
     "r64-seed0": replace(LORA, rank=64, alpha=128),  # the same scale alpha / r = 2
     "full-seed0": replace(LORA, full=True, lr=5e-5),
+    # r8-seed0 as initialised: one step at a negligible learning rate keeps A at its random start (B = 0),
+    # to see how far training moved A's subspace from where it began
+    "r8-seed0-init": replace(LORA, steps=1, lr=1e-12, warmup=0),
 }
 # (report folder, analysed run, compared run)
-REPORTS = (("ranks", "r8-seed0", "r64-seed0"), ("seeds", "r8-seed0", "r8-seed1"), ("full", "full-seed0", "r8-seed0"))
+REPORTS = (("ranks", "r8-seed0", "r64-seed0"), ("seeds", "r8-seed0", "r8-seed1"), ("full", "full-seed0", "r8-seed0"),
+           ("drift", "r8-seed0", "r8-seed0-init"))
 
 
 def folder_of(runs: Path, name: str) -> Path:
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== analyze {first} vs {second} -> {args.docs / report}", flush=True)
         AnalyzeConfig(adapter=str(folder_of(args.runs, first)), compare=str(folder_of(args.runs, second)),
                       base=LORA.model, out=str(args.docs / report)).run()
-    accuracy = {name: s.get("final_eval", s).get("eval_accuracy") for name, s in summary.items()}
+    accuracy = {name: (s.get("last_eval") or {}).get("eval_accuracy") for name, s in summary.items()}
     (args.docs / "runs.json").write_text(json.dumps({"accuracy": accuracy, "summaries": summary}, indent=2) + "\n")
     print(json.dumps(accuracy, indent=2))
     return 0
