@@ -35,8 +35,8 @@ quick: install
 bench: install
 	$(PY) bench/perf.py $(BENCH_ARGS)
 
-# The runs behind docs/analysis.md (about 10 min): MiniLM adapters (rank 8 twice, rank 64) and full
-# fine-tuning on data/wordnet_supersenses.jsonl, then `lorakit analyze`; reports in docs/analysis/.
+# The runs behind docs/analysis.md (about 25 min): MiniLM and SmolLM2 adapters (rank 8 twice, rank 64), full
+# fine-tuning, then `lorakit analyze`; reports in docs/analysis/<experiment>/.
 analysis: install
 	$(PY) docs/make_analysis.py $(ANALYSIS_ARGS)
 

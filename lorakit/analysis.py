@@ -24,6 +24,8 @@ from .layers import layer_class_for, lora_layers
 from .lowrank import delta_weight
 
 DIRECTIONS = 64  # subspaces are compared over at most this many top directions
+FULL_UPDATE_RANK = 8  # amplification of a full update, compared with no LoRA adapter: its top 8 directions
+BASES = ("A", "delta")  # what spans a LoRA update's input directions: its A, or dW itself
 ENERGY_SHARE = 0.9
 
 
@@ -184,29 +186,48 @@ def amplification(update: Update, rank: int | None = None, trials: int = 8, seed
 
 # --- everything at once ----------------------------------------------------------------------------------------
 def analyze(updates: dict[str, Update], compare: dict[str, Update] | None = None, rank: int | None = None,
-            directions: int = DIRECTIONS, progress=None) -> dict:
+            directions: int = DIRECTIONS, progress=None, basis: str = "A") -> dict:
     """Every measure per module, as plain numbers (JSON-ready): spectrum, effective and 90%-energy
-    rank, amplification where W is known, and subspace similarity with `compare` where given."""
+    rank, amplification where W is known, and subspace similarity with `compare` where given.
+
+    basis: the input directions compared, "A" (a LoRA adapter's A, as in the paper) or "delta" (the
+    right-singular vectors of dW itself; a full update always uses dW). Amplification uses `rank`
+    directions: by default a LoRA update's own rank, and for a full update the rank of the LoRA
+    adapter it is compared with (else FULL_UPDATE_RANK).
+    """
+    if basis not in BASES:
+        raise LoraError(f"basis={basis!r}: must be one of {', '.join(BASES)}")
     modules = []
     pairs = dict(pair_paths(updates, compare)) if compare else {}
     for path, update in (progress or (lambda x: x))(list(updates.items())):
-        values = spectrum(update)
-        energy = values.square()
-        entry = {"path": path, "group": module_group(path), "layer": layer_index(path), "kind": update.kind,
-                 "rank": update.rank, "shape": list(update.delta.shape),
-                 "delta_norm": torch.linalg.matrix_norm(update.delta).item(),
-                 "spectrum": values[:directions].tolist(), "effective_rank": effective_rank(values),
-                 "energy_rank": energy_rank(values), "top_share": (energy[0] / energy.sum()).item() if energy.sum() > 0 else 0.0}
-        if update.weight is not None:
-            entry["amplification"] = amplification(update, rank)
-        if path in pairs:
-            other = compare[pairs[path]]
-            phi = subspace_similarity(update.basis, other.basis, directions)
-            entry["similarity"] = {"with": pairs[path], "phi": phi.tolist(), "dimension": update.basis.shape[-1]}
-        modules.append(entry)
+        other = compare[pairs[path]] if path in pairs else None
+        modules.append(_measure(path, update, other, rank or _default_rank(update, other), directions, basis))
     if compare is not None and not pairs:
         raise LoraError("the two updates share no module; compare adapters of the same model and targets")
-    return {"modules": modules, "directions": directions, "energy_share": ENERGY_SHARE}
+    return {"modules": modules, "directions": directions, "energy_share": ENERGY_SHARE, "basis": basis}
+
+
+def _default_rank(update: Update, other: Update | None) -> int:
+    if update.kind == "lora":
+        return update.rank
+    return other.rank if other is not None and other.kind == "lora" else FULL_UPDATE_RANK
+
+
+def _measure(path: str, update: Update, other: Update | None, rank: int, directions: int, basis: str) -> dict:
+    values = spectrum(update)
+    energy = values.square()
+    entry = {"path": path, "group": module_group(path), "layer": layer_index(path), "kind": update.kind,
+             "rank": update.rank, "shape": list(update.delta.shape),
+             "delta_norm": torch.linalg.matrix_norm(update.delta).item(),
+             "spectrum": values[:directions].tolist(), "effective_rank": effective_rank(values),
+             "energy_rank": energy_rank(values), "top_share": (energy[0] / energy.sum()).item() if energy.sum() > 0 else 0.0}
+    if update.weight is not None:
+        entry["amplification"] = amplification(update, rank)
+    if other is not None:
+        first, second = (u.basis if basis == "A" else u.delta for u in (update, other))
+        phi = subspace_similarity(first, second, directions)
+        entry["similarity"] = {"with": other.path, "phi": phi.tolist(), "dimension": first.shape[-1]}
+    return entry
 
 
 def module_group(path: str) -> str:

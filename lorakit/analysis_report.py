@@ -10,12 +10,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .analysis import (DIRECTIONS, Update, adapter_updates, analyze, by_group, model_updates, random_similarity,
+from .analysis import (BASES, DIRECTIONS, Update, adapter_updates, analyze, by_group, model_updates, random_similarity,
                        weight_updates)
 from .errors import LoraError, problems_error
 from .io import CONFIG_FILE, adapter_info, load_adapter
 from .files import write_text_atomically
-from .plots import plot_similarity, plot_spectra
+from .plots import plot_similarity, plot_similarity_by_layer, plot_spectra
 
 
 def _opt(default, help: str, **kw):
@@ -31,8 +31,11 @@ class AnalyzeConfig:
     base: str | None = _opt(None, "the base model (bundled name or folder): amplification, and full fine-tuning updates")
     targets: tuple[str, ...] = _opt((), "modules of a fully fine-tuned model to study, e.g. query,value "
                                         "(default: those of the LoRA adapter it is compared with)")
-    rank: int = _opt(0, "directions r for amplification (0: the adapter's own rank)")
+    rank: int = _opt(0, "directions r for amplification (0: the adapter's own rank; for a full update, the compared "
+                        "adapter's rank, else 8)")
     directions: int = _opt(DIRECTIONS, "top directions compared in subspace similarity, at most")
+    basis: str = _opt("A", "input directions compared: A (a LoRA adapter's A, as in the paper) or delta (dW's own)",
+                      choices=BASES)
     out: str = _opt("out/analysis", "folder for report.md, report.json and the figures")
     progress: bool = _opt(True, "show a progress bar")
 
@@ -60,7 +63,7 @@ class AnalyzeConfig:
             updates = load_updates(self.adapter, self.base, self.targets)
             compare = load_updates(self.compare, self.base, self.targets or _names(updates)) if self.compare else None
         bar = (lambda items: tqdm(items, desc="analyze", unit="module")) if self.progress else None
-        result = analyze(updates, compare, self.rank or None, self.directions, bar)
+        result = analyze(updates, compare, self.rank or None, self.directions, bar, self.basis)
         result["sources"] = {"adapter": self.adapter, "compare": self.compare, "base": self.base,
                              "kinds": {"adapter": _kind(updates), "compare": _kind(compare) if compare else None}}
         write_report(result, Path(self.out))
@@ -106,13 +109,15 @@ def _kind(updates: dict[str, Update]) -> str:
 
 # --- the report ----------------------------------------------------------------------------------------------
 def write_report(result: dict, out: Path) -> Path:
-    """report.md, report.json, spectra.png and (with a comparison) similarity.png in `out`."""
+    """report.md, report.json, spectra.png and (with a comparison) similarity.png and
+    similarity_layers.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / "report.json", json.dumps(result) + "\n")
     plot_spectra(result, out / "spectra.png")
     compared = any("similarity" in m for m in result["modules"])
     if compared:
         plot_similarity(result, out / "similarity.png")
+        plot_similarity_by_layer(result, out / "similarity_layers.png")
     text = "\n".join(_report_lines(result, compared)) + "\n"
     write_text_atomically(out / "report.md", text)
     return out / "report.md"
@@ -128,7 +133,7 @@ def _report_lines(result: dict, compared: bool) -> list[str]:
               "- base model: not given (no amplification: it needs the frozen weights W)", ""]
     lines += _spectrum_section(modules, result["energy_share"])
     if compared:
-        lines += _similarity_section([m for m in modules if "similarity" in m])
+        lines += _similarity_section([m for m in modules if "similarity" in m], result["basis"])
     if any("amplification" in m for m in modules):
         lines += _amplification_section([m for m in modules if "amplification" in m])
     return lines
@@ -167,13 +172,15 @@ def _spectrum_section(modules: list[dict], share: float) -> list[str]:
     return _section("1. How many directions does each update use?", explanation, "spectra", columns, rows, means)
 
 
-def _similarity_section(modules: list[dict]) -> list[str]:
+def _similarity_section(modules: list[dict], basis: str) -> list[str]:
+    directions = ("the right-singular vectors of A for a LoRA adapter, as in the paper's Figures 3 and 4, and of dW for "
+                  "a full update" if basis == "A" else "the right-singular vectors of dW itself (--basis delta)")
     explanation = (
         "For each module, phi(i, j) measures how much of the top-i input directions of the first update lie "
-        "inside the top-j input directions of the second (the right-singular vectors of A for a LoRA adapter, "
-        "of dW for a full update; the paper's Figures 3 and 4): 1 means contained, 0 means at right angles. "
+        f"inside the top-j input directions of the second ({directions}): 1 means contained, 0 means at right angles. "
         "Directions picked at random in a d-dimensional input would give about max(i, j) / d, shown for "
-        "reference. In the figure, brighter is more alike; the right-hand panels zoom into the top 8.")
+        "reference. In the figures, brighter is more alike: first the mean over layers (right: its top 8 corner), "
+        "then the top 8 corner layer by layer.")
 
     def corner(phi):  # phi(k, k) for k the smaller of the two sizes
         k = min(len(phi), len(phi[0]))
@@ -192,7 +199,8 @@ def _similarity_section(modules: list[dict]) -> list[str]:
                      f"phi(1, J) = {_mean(p[0][-1] for p in phis):.3f}, phi(k, k) = {_mean(corner(p)[1] for p in phis):.3f}.")
     columns = ["module", "phi(1, 1)", "phi(1, J): top direction inside all J of the other",
                "phi(k, k), k = smaller size", "random phi(k, k)"]
-    return _section("2. Do the two updates learn the same directions?", explanation, "similarity", columns, rows, means)
+    lines = _section("2. Do the two updates learn the same directions?", explanation, "similarity", columns, rows, means)
+    return lines[:-1] + ["![similarity by layer](similarity_layers.png)", ""]
 
 
 def _amplification_section(modules: list[dict]) -> list[str]:

@@ -46,11 +46,19 @@ def _save_figure(fig, png: Path) -> Path:
         plt.close(fig)
 
 
+def short_names(groups) -> dict[str, str]:
+    """Each group's last path component (`query`), or the whole group where two would share it."""
+    last = {g: g.rsplit(".", 1)[-1] for g in groups}
+    return {g: name if list(last.values()).count(name) == 1 else g for g, name in last.items()}
+
+
 def plot_spectra(result: dict, png: Path) -> Path:
     """Per kind of module, sigma_k / sigma_1 of each layer's update against k (log scale), coloured by depth."""
     plt = _pyplot()
     groups = by_group(result["modules"])
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), dpi=110, squeeze=False)
+    names = short_names(groups)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), dpi=110, squeeze=False,
+                             layout="constrained")
     for ax, (group, members) in zip(axes[0], groups.items()):
         colours = plt.get_cmap("viridis")
         for n, m in enumerate(members):
@@ -61,11 +69,10 @@ def plot_spectra(result: dict, png: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("direction k (by singular value)")
         ax.set_ylabel("sigma_k / sigma_1")
-        ax.set_title(f"spectrum of dW: {group}", fontsize=9)
+        ax.set_title(f"spectrum of dW, {names[group]}", fontsize=10)
         ax.grid(alpha=0.3)
         if len(members) <= 12:
             ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     return _save_figure(fig, png)
 
 
@@ -74,17 +81,45 @@ def plot_similarity(result: dict, png: Path, zoom: int = 8) -> Path:
     paper's Figure 3 layout: i down, j across, brighter = more alike)."""
     plt = _pyplot()
     groups = by_group([m for m in result["modules"] if "similarity" in m])
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.4 * len(groups)), dpi=110, squeeze=False)
+    names = short_names(groups)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), dpi=110, squeeze=False,
+                             layout="constrained", width_ratios=(2, 1))
     for row, (group, members) in zip(axes, groups.items()):
         phis = [m["similarity"]["phi"] for m in members]
         rows, cols = min(len(p) for p in phis), min(len(p[0]) for p in phis)
         mean = [[sum(p[i][j] for p in phis) / len(phis) for j in range(cols)] for i in range(rows)]
-        for ax, (r, c), title in ((row[0], (rows, cols), "all directions"),
-                                  (row[1], (min(rows, zoom), min(cols, zoom)), f"top {zoom}")):
+        for ax, (r, c), title in ((row[0], (rows, cols), f"top {rows} x top {cols}"),
+                                  (row[1], (min(rows, zoom), min(cols, zoom)), f"top {min(rows, zoom)} x top {min(cols, zoom)}")):
             image = ax.imshow([line[:c] for line in mean[:r]], vmin=0, vmax=1, cmap="inferno", aspect="auto",
                               extent=(0.5, c + 0.5, r + 0.5, 0.5), interpolation="nearest")
-            ax.set_xlabel("j (second update's top-j directions)")
-            ax.set_ylabel("i (first update's top-i)")
-            ax.set_title(f"phi(i, j), {group}: {title}, mean of {len(members)} layers", fontsize=9)
-        fig.colorbar(image, ax=row.tolist(), shrink=0.85)
+            ax.set_xlabel("j: second update's top-j directions")
+            ax.set_ylabel("i: first update's top-i")
+            ax.set_title(f"{names[group]}: phi(i, j), {title}, mean of {len(members)} layers", fontsize=9)
+        fig.colorbar(image, ax=row.tolist(), shrink=0.9, label="phi")
+    return _save_figure(fig, png)
+
+
+def plot_similarity_by_layer(result: dict, png: Path, zoom: int = 8, most: int = 6) -> Path:
+    """phi(i, j) for i, j <= `zoom`, layer by layer (at most `most` layers, evenly spaced): an average
+    over layers can hide one layer's strong overlap."""
+    plt = _pyplot()
+    groups = by_group([m for m in result["modules"] if "similarity" in m])
+    names = short_names(groups)
+    picked = {g: [ms[round(k * (len(ms) - 1) / max(1, min(most, len(ms)) - 1))] for k in range(min(most, len(ms)))]
+              for g, ms in groups.items()}
+    columns = max(len(ms) for ms in picked.values())
+    fig, axes = plt.subplots(len(groups), columns, figsize=(2.3 * columns + 1, 2.4 * len(groups)), dpi=110,
+                             squeeze=False, layout="constrained")
+    for row, (group, members) in zip(axes, picked.items()):
+        for ax in row[len(members):]:
+            ax.axis("off")
+        for ax, m in zip(row, members):
+            phi = [line[:zoom] for line in m["similarity"]["phi"][:zoom]]
+            image = ax.imshow(phi, vmin=0, vmax=1, cmap="inferno", extent=(0.5, len(phi[0]) + 0.5, len(phi) + 0.5, 0.5),
+                              interpolation="nearest")
+            where = f"layer {m['layer']}" if m["layer"] is not None else m["path"]
+            ax.set_title(f"{names[group]}, {where}", fontsize=8)
+            ax.set_xlabel("j", fontsize=8)
+            ax.set_ylabel("i", fontsize=8)
+        fig.colorbar(image, ax=row.tolist(), shrink=0.9, label="phi")
     return _save_figure(fig, png)

@@ -263,7 +263,8 @@ def test_analyze_writes_the_report_and_figures(runs, tmp_path, capsys):
     for heading in ("## 1. How many directions", "## 2. Do the two updates learn the same directions?",
                     "## 3. Does the update amplify", "](spectra.png)", "](similarity.png)"):
         assert heading in text
-    assert (out / "spectra.png").read_bytes()[:8] == PNG and (out / "similarity.png").read_bytes()[:8] == PNG
+    for figure in ("spectra.png", "similarity.png", "similarity_layers.png"):
+        assert (out / figure).read_bytes()[:8] == PNG and f"]({figure})" in text
     result = json.loads((out / "report.json").read_text())
     assert len(result["modules"]) == 4  # 2 layers x (q_proj, v_proj)
     for m in result["modules"]:
@@ -305,3 +306,26 @@ def test_analyze_errors_name_the_option(runs, tmp_path, capsys, argv, fragment):
     code, _, err = analyze(capsys, *argv, "--out", tmp_path / "x")
     assert code == 2 and fragment in err
     assert not (tmp_path / "x").exists()
+
+
+def test_basis_delta_compares_the_updates_own_directions():
+    first, second = an.model_updates(adapted(seed=0)), an.model_updates(adapted(seed=1, rank=5))
+    result = an.analyze(first, second, directions=4, basis="delta")
+    entry = next(m for m in result["modules"] if m["path"] == "layers.0.gpt")
+    expected = an.subspace_similarity(first["layers.0.gpt"].delta, second["layers.0.gpt"].delta, 4)
+    torch.testing.assert_close(torch.tensor(entry["similarity"]["phi"], dtype=torch.float64), expected)
+    assert result["basis"] == "delta"
+    with pytest.raises(lk.LoraError, match="basis='B'.*A, delta"):
+        an.analyze(first, basis="B")
+
+
+def test_a_full_update_is_amplified_over_the_compared_adapters_rank():
+    torch.manual_seed(0)
+    before, after = Net(), Net()
+    full = an.weight_updates(before, after, ("proj",))
+    lora = an.model_updates(adapted(rank=3))
+    with_lora = {m["path"]: m for m in an.analyze(full, lora)["modules"]}
+    alone = {m["path"]: m for m in an.analyze(full)["modules"]}
+    assert with_lora["layers.0.proj"]["amplification"]["rank"] == 3
+    assert alone["layers.0.proj"]["amplification"]["rank"] == an.FULL_UPDATE_RANK
+    assert an.analyze(full, rank=2)["modules"][0]["amplification"]["rank"] == 2

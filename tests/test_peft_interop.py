@@ -235,3 +235,23 @@ def test_lorakit_config_fields_read_back_by_peft(tmp_path):
     for path, layer in lk.lora_layers(model):
         assert theirs_layers[path].r["default"] == layer.rank("default"), path
         assert theirs_layers[path].scaling["default"] == pytest.approx(layer.scaling["default"]), path
+
+
+@pytest.mark.parametrize("case", ["gpt2-c_attn", "llama-all-linear-patterns", "bert-qv-embedding"])
+def test_analysis_reads_peft_adapters_with_peft_delta_weights(case, tmp_path):
+    """lorakit.analysis on a PEFT folder: each module's dW is PEFT's own get_delta_weight (rank and
+    alpha patterns, Conv1D and embedding layouts included), as the (d_out, fan_in) matrix B @ A adds to."""
+    from lorakit.analysis import adapter_updates
+
+    base, _, peft_config = both_configs(case)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config).eval()
+    randomise_trainable_(theirs, seed=5)
+    theirs.save_pretrained(tmp_path)
+    updates = adapter_updates(tmp_path)
+    layers = {name.removeprefix("base_model.model."): m for name, m in theirs.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(updates) == set(layers)
+    for path, layer in layers.items():
+        delta = layer.get_delta_weight("default").double()  # PEFT's, in the base weight's layout
+        weight_layout = type(layer.get_base_layer()).__name__ in ("Conv1D", "Embedding")
+        torch.testing.assert_close(updates[path].delta, delta.T if weight_layout else delta, **TOL)
