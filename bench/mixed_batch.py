@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +30,7 @@ import transformers
 from tqdm import tqdm
 
 import lorakit as lk
+from common import Log, machine, profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("base", "lorakit", "peft")
@@ -175,55 +173,7 @@ def _mismatch(what: str, actual: torch.Tensor, expected: torch.Tensor) -> list[s
 
 
 # --- profile -------------------------------------------------------------------------------------------
-def profile(call: Callable, rows: int = 15) -> dict:
-    """torch.profiler's op table (by self CPU time) and, if installed, pyinstrument's Python view."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        call()
-    averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    report = {"ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
-              "self_ms": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in averages[:rows]},
-              "calls": {e.key: e.count for e in averages[:rows]}}
-    try:
-        from pyinstrument import Profiler
-    except ImportError:
-        return report
-    profiler = Profiler(interval=0.005)  # coarse: this machine's fine-grained timer is slow
-    profiler.start()
-    call()
-    profiler.stop()
-    report["python"] = profiler.output_text(unicode=False, color=False, show_all=False)
-    return report
-
-
 # --- the run ---------------------------------------------------------------------------------------------
-class Log:
-    """Appends one JSON object per record, every one tagged with the run id."""
-
-    def __init__(self, path: Path, run_id: str) -> None:
-        self.path, self.run_id = path, run_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, kind: str, **fields) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"run": self.run_id, "kind": kind, **fields}) + "\n")
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import peft
-
-    return {"cpus": os.cpu_count(), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
 def run(settings: Settings) -> list[dict]:
     """Every (targets, K) case: build, check, time, (profile); returns the summary rows."""
     threads = torch.get_num_threads()
@@ -250,7 +200,7 @@ def _run(settings: Settings) -> list[dict]:
         rows, report = run_case(base, ids, targets, k, settings, log, bar)
         summary += rows
         if report is not None:
-            profiles.append(f"== lorakit mixed batch, {targets}, K={k}\n{report['ops']}\n{report.get('python', '')}")
+            profiles.append(f"== lorakit mixed batch, {targets}, K={k}\n{report['table']}\n{report.get('python', '')}")
         gc.collect()  # at most three 124M models alive at a time
     bar.close()
     if profiles:  # the latest run's profiles, for reading (the JSON lines keep every run's)
@@ -274,7 +224,7 @@ def run_case(base, ids: torch.Tensor, targets: str, k: int, settings: Settings, 
         report = None
         if k == settings.profile_k:
             bar.set_description(f"{targets} K={k}: profile")
-            report = profile(calls["lorakit"])
+            report = profile(calls["lorakit"], rows=15, interval=0.005)  # coarse: this machine's fine timer is slow
             log("profile", targets=targets, k=k, **report)
     for variant, ms in times.items():
         for repeat, value in enumerate(ms):

@@ -115,16 +115,19 @@ def right_singular_vectors(matrix: torch.Tensor, count: int | None = None) -> to
     return vh[:count]
 
 
-def subspace_similarity(first: torch.Tensor, second: torch.Tensor, directions: int = DIRECTIONS) -> torch.Tensor:
-    """phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) for i, j = 1.. (at most `directions` each), where
-    U_i holds the top-i right-singular vectors of a basis matrix (the paper's Figures 3 and 4).
+def subspace_similarity(first: torch.Tensor, second: torch.Tensor, directions: int | tuple[int, int] = DIRECTIONS
+                        ) -> torch.Tensor:
+    """phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) for i, j = 1.. (at most `directions` each, or
+    (for i, for j)), where U_i holds the top-i right-singular vectors of a basis matrix (the paper's
+    Figures 3 and 4).
 
     1: one subspace contains the other; 0: orthogonal. Entry [i - 1, j - 1] is phi(i, j).
     """
     if first.shape[-1] != second.shape[-1]:
         raise LoraError(f"subspaces of different spaces: fan_in {first.shape[-1]} vs {second.shape[-1]}; compare "
                         "updates of the same module")
-    v1, v2 = right_singular_vectors(first, directions), right_singular_vectors(second, directions)
+    most_i, most_j = directions if isinstance(directions, tuple) else (directions, directions)
+    v1, v2 = right_singular_vectors(first, most_i), right_singular_vectors(second, most_j)
     overlap = (v1 @ v2.T).square()  # (i, j): squared cosine between singular direction i of one, j of the other
     total = overlap.cumsum(0).cumsum(1)
     i = torch.arange(1, v1.shape[0] + 1, dtype=total.dtype)[:, None]
@@ -224,8 +227,9 @@ def _measure(path: str, update: Update, other: Update | None, rank: int, directi
     if update.weight is not None:
         entry["amplification"] = amplification(update, rank)
     if other is not None:
+        # dW of rank r has r meaningful right-singular vectors; the rest span its null space arbitrarily
         first, second = (u.basis if basis == "A" else u.delta for u in (update, other))
-        phi = subspace_similarity(first, second, directions)
+        phi = subspace_similarity(first, second, (min(directions, update.rank), min(directions, other.rank)))
         entry["similarity"] = {"with": other.path, "phi": phi.tolist(), "dimension": first.shape[-1]}
     return entry
 

@@ -312,8 +312,9 @@ def test_basis_delta_compares_the_updates_own_directions():
     first, second = an.model_updates(adapted(seed=0)), an.model_updates(adapted(seed=1, rank=5))
     result = an.analyze(first, second, directions=4, basis="delta")
     entry = next(m for m in result["modules"] if m["path"] == "layers.0.gpt")
-    expected = an.subspace_similarity(first["layers.0.gpt"].delta, second["layers.0.gpt"].delta, 4)
+    expected = an.subspace_similarity(first["layers.0.gpt"].delta, second["layers.0.gpt"].delta, (3, 4))
     torch.testing.assert_close(torch.tensor(entry["similarity"]["phi"], dtype=torch.float64), expected)
+    assert expected.shape == (3, 4)  # dW of rank 3 has 3 directions, however many are asked for
     assert result["basis"] == "delta"
     with pytest.raises(lk.LoraError, match="basis='B'.*A, delta"):
         an.analyze(first, basis="B")
