@@ -112,7 +112,7 @@ def write_report(result: dict, out: Path) -> Path:
     """report.md, report.json, spectra.png and (with a comparison) similarity.png and
     similarity_layers.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out / "report.json", json.dumps(result) + "\n")
+    write_text_atomically(out / "report.json", json.dumps(_rounded(result)) + "\n")
     plot_spectra(result, out / "spectra.png")
     compared = any("similarity" in m for m in result["modules"])
     if compared:
@@ -121,6 +121,17 @@ def write_report(result: dict, out: Path) -> Path:
     text = "\n".join(_report_lines(result, compared)) + "\n"
     write_text_atomically(out / "report.md", text)
     return out / "report.md"
+
+
+def _rounded(value, digits: int = 5):
+    """Floats to `digits` significant digits, all the way down (report.json stays small)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def _report_lines(result: dict, compared: bool) -> list[str]:

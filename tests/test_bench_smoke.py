@@ -16,6 +16,8 @@ TINY = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
 
 
 def bench_module():
+    if str(BENCH.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH.parent))  # the harness imports bench/common.py by name, as when run as a script
     spec = importlib.util.spec_from_file_location("mixed_batch_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
