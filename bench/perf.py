@@ -47,7 +47,8 @@ from perf_step import VARIANTS as TRAIN_VARIANTS, StepSpec, lockstep
 RESULTS = BENCH / "results"
 INFER_VARIANTS = ("base", "lorakit", "lorakit merged", "peft", "peft merged")
 LIBRARIES = ("lorakit", "peft")
-PAIRS = (("lorakit", "full"), ("lorakit", "peft"), ("peft", "full"), ("lorakit", "floor"), ("peft", "floor"))
+PAIRS = (("lorakit", "full"), ("lorakit", "peft"), ("peft", "full"), ("lorakit", "floor"), ("peft", "floor"),
+         ("lorakit", "floor-chunked"))
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 logits; the libraries order their sums differently
 
 

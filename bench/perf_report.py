@@ -127,7 +127,8 @@ def inference_table(summary: dict) -> str:
 def training_table(summary: dict) -> str:
     v = summary["training"]["variants"]
     names = {"full": "full fine-tuning", "peft": "PEFT LoRA", "lorakit": "lorakit LoRA",
-             "floor": "floor: frozen model, backward to layer 0, no adapter"}
+             "floor": "floor: frozen model, backward to layer 0, no adapter",
+             "floor-chunked": "floor with lorakit's chunked loss"}
     rows = [[label, f"{v[k]['trainable']:,}", f"{v[k]['step_ms']:.0f}", f"{v[k]['min_ms']:.0f}", f"{v[k]['forward_ms']:.0f}",
              f"{v[k]['backward_ms']:.0f}", f"{v[k]['optimizer_ms']:.0f}", f"{v[k]['peak_rss_mb']:.0f}",
              f"{v[k]['rss_before_mb']:.0f}", f"{v[k]['added_mb']:.0f}"] for k, label in names.items()]
@@ -141,7 +142,7 @@ def training_ratio_table(summary: dict) -> str:
              f"{r[f'memory {pair}']['ratio']:.3f}x", f"{r[f'added {pair}']['ratio']:.3f}x"]
             for pair, label in (("lorakit/full", "lorakit / full"), ("lorakit/peft", "lorakit / PEFT"),
                                 ("peft/full", "PEFT / full"), ("lorakit/floor", "lorakit / floor"),
-                                ("peft/floor", "PEFT / floor"))]
+                                ("peft/floor", "PEFT / floor"), ("lorakit/floor-chunked", "lorakit / floor with lorakit's loss"))]
     return _table(["ratio", "step time: median of per-round ratios (range)", "best / best",
                    "process CPU time per step", "peak RSS", "added by training"], rows, "lrrrrr")
 
@@ -350,9 +351,11 @@ def chart_rows(summary: dict) -> list[tuple[str, float, float | None, float | No
             ("train step: PEFT / full", tr["step peft/full"], None),
             ("train step: lorakit / PEFT", tr["step lorakit/peft"], 0.90),
             ("train step: lorakit / floor (no adapter)", tr["step lorakit/floor"], None),
+            ("train step: lorakit / floor, lorakit's loss", tr["step lorakit/floor-chunked"], None),
             ("peak RSS: lorakit / full", tr["memory lorakit/full"], None),
             ("peak RSS: lorakit / PEFT", tr["memory lorakit/peft"], 0.85),
             ("peak RSS: lorakit / floor (no adapter)", tr["memory lorakit/floor"], None),
+            ("peak RSS: lorakit / floor, lorakit's loss", tr["memory lorakit/floor-chunked"], None),
             ("load + activate: lorakit / PEFT", io["load"]["ratio"], None),
             ("cold load: lorakit / PEFT", io["cold load"]["ratio"], None),
             ("save: lorakit / PEFT", io["save"]["ratio"], None),

@@ -18,7 +18,8 @@ cross-entropy (lorakit: lorakit train's chunked loss; full, PEFT and floor: the 
 `labels=` loss, as transformers' Trainer computes it; the values agree) -> backward -> AdamW step. The model is in train mode (GPT-2's dropout is on, for every variant alike). `floor`
 is the frozen model with no adapter whose backward still runs down to the first layer (the
 embeddings' output requires grad): about the least a LoRA step with adapters in every layer can
-cost, in time and in activations kept.
+cost, in time and in activations kept; `floor-chunked` is the same with lorakit's loss, so that
+lorakit / floor-chunked is what lorakit's adapters themselves add.
 
 Memory: the kernel's RSS high-water mark (VmHWM) is reset just before the first step, after the
 model is built (a transient peak while reading weights does not count), and read by `stats`:
@@ -46,7 +47,9 @@ from lorakit.train import summed_loss
 from perf_load import Meter, QuietGate
 
 BENCH = Path(__file__).resolve().parent
-VARIANTS = ("full", "peft", "lorakit", "floor")  # floor: the frozen model's own forward + backward, no adapter
+CHUNKED_LOSS = ("lorakit", "floor-chunked")  # variants whose loss is lorakit train's (the others: labels=)
+VARIANTS = ("full", "peft", "lorakit", "floor", "floor-chunked")  # floors: the frozen model's own forward + backward,
+# no adapter, with transformers' loss and with lorakit's chunked loss
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class Trainer:
         lorakit through `lorakit train`'s own loss (lorakit.train.summed_loss: chunked, never holding
         the (batch, seq, vocab) logits), the others through the model's own `labels=` loss (what
         transformers' Trainer calls)."""
-        if self.spec.variant != "lorakit":
+        if self.spec.variant not in CHUNKED_LOSS:
             return self.model(input_ids=self.ids, labels=self.ids).loss
         batch = {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids), "labels": self.ids}
         summed, _ = summed_loss(self.model, batch, "causal-lm", self.ids.device)
@@ -154,7 +157,7 @@ def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
             p.requires_grad_(True)
     elif spec.variant == "lorakit":
         pm.add_lorakit(model, spec.targets, spec.rank, spec.alpha)
-    elif spec.variant == "floor":
+    elif spec.variant in ("floor", "floor-chunked"):
         # No weight trains, but the gradient flows back to the first layer's input, as it must for
         # adapters in every layer: the least any LoRA library's step can cost.
         model.requires_grad_(False)

@@ -56,7 +56,7 @@ def ok(argv: list[str]) -> str:
 def test_top_level_help_lists_every_subcommand_with_an_example():
     code, out, _ = run(["--help"])
     assert code == 0
-    for command in ("train", "eval", "generate", "merge", "inspect"):
+    for command in ("train", "eval", "generate", "merge", "inspect", "plan", "analyze"):
         assert command in out and f"lorakit {command} " in out
 
 
@@ -81,6 +81,9 @@ def test_train_help_has_every_trainconfig_field_with_its_default_and_choices():
                   "--no-chat", "--json"]),
     ("merge", ["--model", "--adapter", "--out", "--dtype", "--force"]),
     ("inspect", ["ADAPTER", "--json"]),
+    ("plan", ["--model", "--rank", "--targets", "--batch", "--seq", "--json"]),
+    ("analyze", ["ADAPTER", "--compare", "--base", "--targets", "--rank", "--directions", "--basis", "--out",
+                 "--no-progress"]),
 ])
 def test_subcommand_help_mentions_every_option(command, options):
     code, out, _ = run([command, "--help"])
