@@ -385,7 +385,8 @@ def training_summary(result: dict, warmup: int) -> dict:
         variants[variant].update(min_ms=min(by[r, variant]["step_ms"] for r in timed), trainable=stats["trainable"],
                                  total=stats["total"], rss_before_mb=stats["rss_before_mb"],
                                  peak_rss_mb=stats["peak_rss_mb"], added_mb=stats["peak_rss_mb"] - stats["rss_before_mb"],
-                                 ru_maxrss_mb=stats["ru_maxrss_mb"], losses=[by[r, variant]["loss"] for r in timed])
+                                 ru_maxrss_mb=stats["ru_maxrss_mb"], live_peak_mb=stats["live_peak_mb"],
+                                 losses=[by[r, variant]["loss"] for r in timed])
     ratios = {}
     for a, b in PAIRS:
         for metric, key in (("step", "step_ms"), ("cpu", "cpu_ms")):
@@ -393,6 +394,7 @@ def training_summary(result: dict, warmup: int) -> dict:
             ratios[f"{metric} {a}/{b}"] = ratio_stats(values, references, others)
         ratios[f"memory {a}/{b}"] = {"ratio": variants[a]["peak_rss_mb"] / variants[b]["peak_rss_mb"]}
         ratios[f"added {a}/{b}"] = {"ratio": variants[a]["added_mb"] / variants[b]["added_mb"]}
+        ratios[f"live {a}/{b}"] = {"ratio": variants[a]["live_peak_mb"] / variants[b]["live_peak_mb"]}
     return {"variants": variants, "ratios": ratios, "rounds": len(timed), "rounds_used": len(used),
             "isolated": result["isolated"]}
 

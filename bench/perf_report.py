@@ -67,6 +67,7 @@ TARGETS = (
     Target("training step, lorakit / full fine-tuning", 0.65, "x", ("training", "ratios", "step lorakit/full")),
     Target("training step, lorakit / PEFT", 0.90, "x", ("training", "ratios", "step lorakit/peft")),
     Target("peak training memory (RSS), lorakit / PEFT", 0.85, "x", ("training", "ratios", "memory lorakit/peft")),
+    Target("peak training memory (live tensors), lorakit / PEFT", 0.85, "x", ("training", "ratios", "live lorakit/peft")),
     Target("inference, lorakit unmerged / base", 1.03, "x", ("inference", "lorakit")),
     Target("load + activate a rank-8 adapter, model in memory", 20.0, "ms", ("io", "load", "lorakit"), "median_ms"),
     Target("load + activate onto a plain model (wraps its layers)", 20.0, "ms", ("io", "cold load", "lorakit"), "median_ms"),
@@ -131,20 +132,21 @@ def training_table(summary: dict) -> str:
              "floor-chunked": "floor with lorakit's chunked loss"}
     rows = [[label, f"{v[k]['trainable']:,}", f"{v[k]['step_ms']:.0f}", f"{v[k]['min_ms']:.0f}", f"{v[k]['forward_ms']:.0f}",
              f"{v[k]['backward_ms']:.0f}", f"{v[k]['optimizer_ms']:.0f}", f"{v[k]['peak_rss_mb']:.0f}",
-             f"{v[k]['rss_before_mb']:.0f}", f"{v[k]['added_mb']:.0f}"] for k, label in names.items()]
+             f"{v[k]['rss_before_mb']:.0f}", f"{v[k]['added_mb']:.0f}", f"{v[k]['live_peak_mb']:.0f}"]
+            for k, label in names.items()]
     return _table(["variant", "trainable", "step ms (median)", "best", "forward", "backward", "AdamW",
-                   "peak RSS MB", "RSS before MB", "added by training MB"], rows, "lrrrrrrrrr")
+                   "peak RSS MB", "RSS before MB", "added by training MB", "peak live tensors MB"], rows, "lrrrrrrrrrr")
 
 
 def training_ratio_table(summary: dict) -> str:
     r = summary["training"]["ratios"]
     rows = [[label, _range(r[f"step {pair}"]), f"{r[f'step {pair}']['best']:.3f}x", _range(r[f"cpu {pair}"]),
-             f"{r[f'memory {pair}']['ratio']:.3f}x", f"{r[f'added {pair}']['ratio']:.3f}x"]
+             f"{r[f'memory {pair}']['ratio']:.3f}x", f"{r[f'added {pair}']['ratio']:.3f}x", f"{r[f'live {pair}']['ratio']:.3f}x"]
             for pair, label in (("lorakit/full", "lorakit / full"), ("lorakit/peft", "lorakit / PEFT"),
                                 ("peft/full", "PEFT / full"), ("lorakit/floor", "lorakit / floor"),
                                 ("peft/floor", "PEFT / floor"), ("lorakit/floor-chunked", "lorakit / floor with lorakit's loss"))]
     return _table(["ratio", "step time: median of per-round ratios (range)", "best / best",
-                   "process CPU time per step", "peak RSS", "added by training"], rows, "lrrrrr")
+                   "process CPU time per step", "peak RSS", "added by training", "peak live tensors"], rows, "lrrrrrr")
 
 
 def io_table(summary: dict) -> str:
@@ -284,7 +286,11 @@ def body(result: dict) -> str:
         "Memory: `peak RSS` is the kernel's high-water mark (VmHWM) of the training process's resident memory, "
         "reset after the model is built and read after the last step: weights, gradients, AdamW state, "
         "activations and the Python/torch runtime together. `RSS before` is the same process just before the "
-        "first step; `added by training` is the difference (gradients, AdamW state, activations).",
+        "first step; `added by training` is the difference (gradients, AdamW state, activations). RSS also "
+        "holds the allocator's slack (memory freed by torch but kept by malloc), which no library controls; "
+        "`peak live tensors` counts only tensors alive at once during one more step (every tensor created by "
+        "an op, from creation until freed: activations kept for backward, gradients, temporaries; lorakit.plan's "
+        "counter), measured after the timed rounds.",
     ]
     for name, summary in result["models"].items():
         parts += ["", model_block(name, summary)]
@@ -354,6 +360,7 @@ def chart_rows(summary: dict) -> list[tuple[str, float, float | None, float | No
             ("train step: lorakit / floor, lorakit's loss", tr["step lorakit/floor-chunked"], None),
             ("peak RSS: lorakit / full", tr["memory lorakit/full"], None),
             ("peak RSS: lorakit / PEFT", tr["memory lorakit/peft"], 0.85),
+            ("peak live tensors: lorakit / PEFT", tr["live lorakit/peft"], 0.85),
             ("peak RSS: lorakit / floor (no adapter)", tr["memory lorakit/floor"], None),
             ("peak RSS: lorakit / floor, lorakit's loss", tr["memory lorakit/floor-chunked"], None),
             ("load + activate: lorakit / PEFT", io["load"]["ratio"], None),

@@ -114,8 +114,27 @@ class Trainer:
         summed, _ = summed_loss(self.model, batch, "causal-lm", self.ids.device)
         return summed / (self.ids.shape[0] * (self.ids.shape[1] - 1))
 
+    def live_tensors(self) -> dict:
+        """One more step with every tensor it creates tracked (lorakit.plan's counter): the peak bytes of
+        live tensors (activations kept for backward, gradients, temporaries; not the weights or the
+        AdamW state made earlier), without the allocator's slack that RSS also holds (MB)."""
+        from lorakit.plan import _LiveBytes
+
+        self.optimizer.zero_grad(set_to_none=True)
+        counter = _LiveBytes()
+        with counter:
+            loss = self.loss()
+            after_forward = counter.live
+            loss.backward()
+            self.optimizer.step()
+        return {"live_peak_mb": counter.peak / 2**20, "live_after_forward_mb": after_forward / 2**20}
+
     def stats(self) -> dict:
-        """The configuration and its memory so far (MB)."""
+        """The configuration and its memory so far (MB), then one tracked step's live tensors."""
+        rss = self._rss_stats()
+        return {**rss, **self.live_tensors()}
+
+    def _rss_stats(self) -> dict:
         return {**asdict(self.spec), "trainable": sum(p.numel() for p in self.params),
                 "total": sum(p.numel() for p in self.model.parameters()), "setup_s": self.setup_s,
                 "rss_before_mb": self.rss_before, "peak_rss_mb": pm.peak_rss_mb() if self.peak_reset else None,

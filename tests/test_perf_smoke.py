@@ -61,6 +61,7 @@ def test_every_measurement_is_recorded(tiny_run):
     train = {r["variant"]: r for r in records if r["kind"] == "train"}
     assert set(train) == set(perf_step.VARIANTS)
     assert all(r["peak_rss_mb"] >= r["rss_before_mb"] > 0 for r in train.values())
+    assert all(r["live_peak_mb"] >= r["live_after_forward_mb"] > 0 for r in train.values())
     assert train["lorakit"]["trainable"] == train["peft"]["trainable"] < train["full"]["trainable"]
     assert train["floor"]["trainable"] == train["floor-chunked"]["trainable"] == 0
     summary = result["models"]["gpt2-tiny"]["training"]
