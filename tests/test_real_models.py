@@ -159,3 +159,23 @@ def test_peft_loads_the_adapter_with_identical_outputs(case, pristine, tmp_path)
     peft_model.eval()
     # scale = alpha / rank = 2 is a power of two, so PEFT's B(A(x)) * 2 and our (A(x) * 2) @ B.T agree exactly.
     assert torch.equal(case.output(peft_model), case.output())
+
+
+def test_analyze_reads_the_adapter_back_onto_the_real_base(case, tmp_path):
+    """lorakit analyze with --base: every adapted module measured against the real frozen W, which
+    no r directions can hold more of than W's own top r (Ky Fan), and dW equal to the model's."""
+    from lorakit.analysis_report import AnalyzeConfig
+
+    case.inject()
+    randomize_adapters(case.model)
+    lk.save_adapter(case.model, tmp_path / "adapter")
+    result = AnalyzeConfig(adapter=str(tmp_path / "adapter"), base=case.name, out=str(tmp_path / "report"),
+                           progress=False).run()
+    expected = lk.model_updates(case.model)
+    assert [m["path"] for m in result["modules"]] == list(expected)
+    for m in result["modules"]:
+        a = m["amplification"]
+        assert a["projected"] <= a["own"] * (1 + 1e-9) and a["random"] <= a["own"]
+        assert a["delta_norm"] == pytest.approx(torch.linalg.matrix_norm(expected[m["path"]].delta).item(), rel=1e-6)
+        assert a["weight_norm"] == pytest.approx(torch.linalg.matrix_norm(expected[m["path"]].weight).item(), rel=1e-6)
+    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "spectra.png").is_file()
