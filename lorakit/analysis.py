@@ -58,9 +58,9 @@ def model_updates(model: nn.Module, adapter: str = "default") -> dict[str, Updat
     for path, layer in lora_layers(model):
         if adapter not in layer.lora_A:
             continue
-        A, B = layer.lora_A[adapter].double(), layer.lora_B[adapter].double()
+        A, B = layer.lora_A[adapter].double().cpu(), layer.lora_B[adapter].double().cpu()  # analysed on the CPU
         delta = delta_weight(A, B, layer.scaling[adapter], layer.groups)
-        weight = layer.as_update_matrix(layer.original_weight).double()
+        weight = layer.as_update_matrix(layer.original_weight).double().cpu()
         updates[path] = Update(path, delta, A.reshape(A.shape[0], -1), weight, A.shape[0], "lora")
     if not updates:
         raise LoraError(f"adapter={adapter!r}: the model holds no such adapter; load it first (lk.load_adapter)")
@@ -83,8 +83,8 @@ def weight_updates(before: nn.Module, after: nn.Module, targets: tuple[str, ...]
         if match is None or earlier[match].weight.shape != module.weight.shape:
             raise LoraError(f"module {path!r} of the fine-tuned model has no counterpart of the same shape in the base "
                             "model; is --base the model that was fine-tuned?")
-        w0 = cls.as_update_matrix(earlier[match].weight).double()
-        delta = cls.as_update_matrix(module.weight).double() - w0
+        w0 = cls.as_update_matrix(earlier[match].weight).double().cpu()
+        delta = cls.as_update_matrix(module.weight).double().cpu() - w0
         updates[path] = Update(path, delta, delta, w0, min(delta.shape), "full")
     if not updates:
         raise LoraError(f"targets={list(targets)!r}: match no adaptable module of the fine-tuned model; name modules "
