@@ -35,7 +35,7 @@ quick: install
 bench: install
 	$(PY) bench/perf.py $(BENCH_ARGS)
 
-# The runs behind docs/analysis.md (about 25 min): MiniLM and SmolLM2 adapters (rank 8 twice, rank 64), full
+# The runs behind docs/analysis.md (about 30 min): MiniLM and SmolLM2 adapters (rank 8 twice, rank 64), full
 # fine-tuning, then `lorakit analyze`; reports in docs/analysis/<experiment>/.
 analysis: install
 	$(PY) docs/make_analysis.py $(ANALYSIS_ARGS)

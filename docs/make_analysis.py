@@ -1,4 +1,4 @@
-"""The runs behind docs/analysis.md: `make analysis` (about 25 minutes on 2 CPU cores).
+"""The runs behind docs/analysis.md: `make analysis` (about 30 minutes on 2 CPU cores).
 
 Two real pretrained models, LoRA on the attention query and value projections as in the LoRA paper:
 - minilm: MiniLM-L6 learns the 6-way WordNet supersense task of data/ (classification);
