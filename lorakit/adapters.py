@@ -47,9 +47,23 @@ def merged_adapter(model: nn.Module) -> str | None:
     return None
 
 
-def _switchable(model: nn.Module) -> list[nn.Module]:
-    """Every module that follows the active adapter: LoRA layers, then modules to save."""
-    return [layer for _, layer in lora_layers(model)] + [wrapper for _, wrapper in saved_modules(model)]
+def followers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module that follows the active adapter: LoRA layers, then modules to
+    save. Each has active_adapter, disabled, routing, holds(name), drop(name), empty and wrapped."""
+    return list(lora_layers(model)) + list(saved_modules(model))
+
+
+@contextmanager
+def temporarily(modules: list[nn.Module], attribute: str, value) -> Iterator[None]:
+    """Set `attribute` to `value` on every module; each one's own value is put back on exit."""
+    previous = [getattr(m, attribute) for m in modules]
+    for m in modules:
+        setattr(m, attribute, value)
+    try:
+        yield
+    finally:
+        for m, before in zip(modules, previous):
+            setattr(m, attribute, before)
 
 
 def set_active(model: nn.Module, adapter: str | None) -> None:
@@ -61,7 +75,7 @@ def set_active(model: nn.Module, adapter: str | None) -> None:
     if merged is not None and merged != adapter:
         raise LoraError(f"adapter={adapter!r}: the model has {merged!r} merged into its weights; "
                         "call lk.unmerge_(model) before switching adapters")
-    for module in _switchable(model):
+    for _, module in followers(model):
         module.active_adapter = adapter
 
 
@@ -85,15 +99,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     merged = merged_adapter(model)
     if merged is not None:
         unmerge_(model)
-    layers = _switchable(model)
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
     try:
-        yield model
+        with temporarily([m for _, m in followers(model)], "disabled", True):
+            yield model
     finally:
-        for layer, flag in zip(layers, previous):
-            layer.disabled = flag
         if merged is not None:
             merge_(model, merged)
 
@@ -108,20 +117,13 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         raise _unknown(model, adapter)
     if merged_adapter(model) == adapter:
         raise LoraError(f"adapter={adapter!r} is merged into the weights; call lk.unmerge_(model) first")
-    for path, layer in list(lora_layers(model)):
-        if adapter in layer.lora_A:
-            layer.remove_adapter(adapter)
-        if layer.active_adapter == adapter:
-            layer.active_adapter = None
-        if not layer.lora_A:
-            model.set_submodule(path, layer.base_layer)
-    for path, wrapper in list(saved_modules(model)):
-        if adapter in wrapper.copies:
-            wrapper.remove_copy(adapter)
-        if wrapper.active_adapter == adapter:
-            wrapper.active_adapter = None
-        if not wrapper.copies:
-            model.set_submodule(path, wrapper.original_module)
+    for path, module in followers(model):
+        if module.holds(adapter):
+            module.drop(adapter)
+        if module.active_adapter == adapter:
+            module.active_adapter = None
+        if module.empty:
+            model.set_submodule(path, module.wrapped)  # a plain layer (original module) again
 
 
 def _unknown(model: nn.Module, adapter) -> LoraError:

@@ -97,6 +97,21 @@ class LoraLayer(nn.Module):
             del store[name]
         del self.scaling[name], self.configs[name], self.created[name]
 
+    # --- the follower protocol (shared with ModuleToSave; see adapters.followers) ----------------
+    def holds(self, name: str) -> bool:
+        return name in self.lora_A
+
+    def drop(self, name: str) -> None:
+        self.remove_adapter(name)
+
+    @property
+    def empty(self) -> bool:
+        return not self.lora_A
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self.base_layer
+
     def rank(self, name: str) -> int:
         return self.lora_A[name].shape[0]
 

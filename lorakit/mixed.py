@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import adapters, merged_adapter
+from .adapters import adapters, followers, merged_adapter, temporarily
 from .errors import LoraError
 from .layers import LoraLayer, lora_layers
-from .modules_to_save import ModuleToSave, saved_modules
+from .modules_to_save import ModuleToSave
 
 
 class Routing:
@@ -118,13 +118,5 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
         path, layer = unsupported[0]
         raise LoraError(f"mixed_batch: {path!r} is a {type(layer.base_layer).__name__}; mixed batches support "
                         "Linear, Conv1D and Embedding adapters (not convolutions): use lk.use(model, name) per group")
-    routing = Routing(names)
-    holders: list[LoraLayer | ModuleToSave] = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
-    previous = [h.routing for h in holders]
-    for holder in holders:
-        holder.routing = routing
-    try:
+    with temporarily([m for _, m in followers(model)], "routing", Routing(names)):
         yield model
-    finally:
-        for holder, before in zip(holders, previous):
-            holder.routing = before

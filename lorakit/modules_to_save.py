@@ -17,7 +17,8 @@ from torch import nn
 
 # Modules without a forward of their own: there is nothing to call in their place.
 CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
-_OWN_ATTRIBUTES = frozenset({"original_module", "copies", "active_adapter", "disabled", "in_use", "routing"})
+_OWN_ATTRIBUTES = frozenset({"original_module", "copies", "active_adapter", "disabled", "in_use", "routing", "empty",
+                             "wrapped"})
 
 
 class ModuleToSave(nn.Module):
@@ -39,6 +40,21 @@ class ModuleToSave(nn.Module):
 
     def remove_copy(self, adapter: str) -> None:
         del self.copies[adapter]
+
+    # --- the follower protocol (shared with LoraLayer; see adapters.followers) -------------------
+    def holds(self, name: str) -> bool:
+        return name in self.copies
+
+    def drop(self, name: str) -> None:
+        self.remove_copy(name)
+
+    @property
+    def empty(self) -> bool:
+        return not self.copies
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self.original_module
 
     @property
     def in_use(self) -> nn.Module:

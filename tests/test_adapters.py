@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+from lorakit.adapters import followers, temporarily
 from cases import Toy, factors_of, randomize_model_, toy_reference
 
 IDX = torch.tensor([[1, 5, 2, 12, 0], [3, 3, 7, 9, 11]])
@@ -212,3 +213,22 @@ def test_adapter_names_that_are_torch_attributes_are_refused(name):
     with pytest.raises(lk.LoraError, match=f"adapter='{name}' is the name of a torch module attribute"):
         lk.inject_(model, lk.LoraConfig(targets=("0",)), name)
     assert lk.adapters(model) == [] and isinstance(model[0], nn.Linear)
+
+
+def test_followers_share_one_protocol_and_temporarily_restores_each_value():
+    """LoRA layers and modules to save answer the same questions; delete_adapter, disabled and
+    mixed_batch rely on it."""
+    model = Toy()
+    lk.inject_(model, lk.LoraConfig(rank=2, targets=("q_proj", "v_proj"), modules_to_save=("lm_head",)))
+    lk.inject_(model, lk.LoraConfig(rank=2, targets=("q_proj",)), adapter="second")
+    found = followers(model)
+    assert [path for path, _ in found] == ["q_proj", "v_proj", "lm_head"]
+    q, v, head = (m for _, m in found)
+    assert q.holds("second") and not v.holds("second") and head.holds("default") and not head.holds("second")
+    assert q.wrapped is q.base_layer and head.wrapped is head.original_module and not head.empty
+    v.active_adapter, head.disabled = "default", False
+    with temporarily([q, v, head], "disabled", True):
+        assert q.disabled and v.disabled and head.disabled
+    assert (q.disabled, v.disabled, head.disabled) == (False, False, False)
+    head.drop("default")
+    assert head.empty and not head.holds("default")
