@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,7 +254,10 @@ class _Run:
                 raise LoraError(f"training diverged: {self.bad_in_a_row} steps in a row had NaN/Inf loss or "
                                 f"gradients (step {self.step + 1}); lower lr={cfg.lr} or raise warmup, or resume "
                                 f"from the last checkpoint in {self.out}")
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, which counts steps, not
+            # updates; torch warns when that happens before the first optimizer.step()
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - started
         tokens = sum(int(c["attention_mask"].sum()) for c in chunks) * world.size
