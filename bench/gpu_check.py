@@ -20,7 +20,7 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # lorakit from this checkout (installed or not), the tiny models
 import lorakit as lk  # noqa: E402
 import tiny  # noqa: E402
 from lorakit.loss import _plain_loss, summed_causal_lm_loss  # noqa: E402

@@ -118,10 +118,10 @@ class Trainer:
         """One more step with every tensor it creates tracked (lorakit.plan's counter): the peak bytes of
         live tensors (activations kept for backward, gradients, temporaries; not the weights or the
         AdamW state made earlier), without the allocator's slack that RSS also holds (MB)."""
-        from lorakit.plan import _LiveBytes
+        from lorakit.plan import LiveBytes
 
         self.optimizer.zero_grad(set_to_none=True)
-        counter = _LiveBytes()
+        counter = LiveBytes()
         with counter:
             loss = self.loss()
             after_forward = counter.live

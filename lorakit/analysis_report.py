@@ -5,39 +5,36 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .analysis import (BASES, DIRECTIONS, Update, adapter_updates, analyze, by_group, model_updates, random_similarity,
                        weight_updates)
+from .config import option
 from .errors import LoraError, problems_error
 from .io import CONFIG_FILE, adapter_info, load_adapter
 from .files import write_text_atomically
 from .plots import plot_similarity, plot_similarity_by_layer, plot_spectra
 
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
 class AnalyzeConfig:
     """What to analyze. Every field but `adapter` is also a `lorakit analyze` option."""
 
-    adapter: str = _opt("", "adapter folder, or a fully fine-tuned model folder (then --base is needed)")
-    compare: str | None = _opt(None, "a second adapter (or fine-tuned model) folder: subspace similarity with it")
-    base: str | None = _opt(None, "the base model (bundled name or folder): amplification, and full fine-tuning updates")
-    targets: tuple[str, ...] = _opt((), "modules of a fully fine-tuned model to study, e.g. query,value "
+    adapter: str = option("", "adapter folder, or a fully fine-tuned model folder (then --base is needed)")
+    compare: str | None = option(None, "a second adapter (or fine-tuned model) folder: subspace similarity with it")
+    base: str | None = option(None, "the base model (bundled name or folder): amplification, and full fine-tuning updates")
+    targets: tuple[str, ...] = option((), "modules of a fully fine-tuned model to study, e.g. query,value "
                                         "(default: those of the LoRA adapter it is compared with)")
-    rank: int = _opt(0, "directions r for amplification (0: the adapter's own rank; for a full update, the compared "
+    rank: int = option(0, "directions r for amplification (0: the adapter's own rank; for a full update, the compared "
                         "adapter's rank, else 8)")
-    directions: int = _opt(DIRECTIONS, "top directions compared in subspace similarity, at most")
-    basis: str = _opt("A", "input directions compared: A (a LoRA adapter's A, as in the paper) or delta (dW's own)",
+    directions: int = option(DIRECTIONS, "top directions compared in subspace similarity, at most")
+    basis: str = option("A", "input directions compared: A (a LoRA adapter's A, as in the paper) or delta (dW's own)",
                       choices=BASES)
-    out: str = _opt("out/analysis", "folder for report.md, report.json and the figures")
-    progress: bool = _opt(True, "show a progress bar")
+    out: str = option("out/analysis", "folder for report.md, report.json and the figures")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):

@@ -21,6 +21,12 @@ def path_matches(path: str, pattern: str) -> bool:
     return path == pattern or path.endswith("." + pattern) or fnmatch.fnmatchcase(path, pattern)
 
 
+
+def option(default, help: str, **kw):
+    """A field of a config dataclass that is also a command-line option: its help (and choices) are
+    what `lorakit --help` shows (cli.add_dataclass_options)."""
+    return field(default=default, metadata={"help": help, **kw})
+
 @dataclass(frozen=True)
 class LoraConfig:
     """A LoRA adapter's hyper-parameters: dW = (alpha / rank) * B @ A on every targeted module.

@@ -530,10 +530,11 @@ def read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, 
         found = factor.fullmatch(key)
         if found is None:
             continue
-        key_b = key[: -len(found.group(2))] + found.group(2).replace("A", "B")
+        path = found.group(1)
+        key_b = _peft_keys(LoraEmbedding if found.group(2) == "embedding_A" else LoraLayer, path)[1]
         if key_b not in tensors:
             raise LoraError(f"{directory / WEIGHTS_FILE}: {key!r} has no matching {key_b!r}; save the adapter again")
-        pairs[found.group(1)] = (A, tensors[key_b])
+        pairs[path] = (A, tensors[key_b])
     if not pairs:
         raise LoraError(f"{directory / WEIGHTS_FILE}: holds no LoRA factors (keys like {PREFIX}<module>.lora_A.weight)")
     config = _lorakit_config(raw, list(pairs), [])

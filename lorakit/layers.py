@@ -92,17 +92,15 @@ class LoraLayer(nn.Module):
         else:  # "default": what nn.Linear does for its own weight
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
-    def remove_adapter(self, name: str) -> None:
-        for store in (self.lora_A, self.lora_B, self.lora_dropout):
-            del store[name]
-        del self.scaling[name], self.configs[name], self.created[name]
-
     # --- the follower protocol (shared with ModuleToSave; see adapters.followers) ----------------
     def holds(self, name: str) -> bool:
         return name in self.lora_A
 
     def drop(self, name: str) -> None:
-        self.remove_adapter(name)
+        """Remove adapter `name` (its A, B, dropout, scale and config)."""
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        del self.scaling[name], self.configs[name], self.created[name]
 
     @property
     def empty(self) -> bool:

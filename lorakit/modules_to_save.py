@@ -38,15 +38,13 @@ class ModuleToSave(nn.Module):
         self.original_module.requires_grad_(False)
         self.copies[adapter] = copy.deepcopy(self.original_module).requires_grad_(True)
 
-    def remove_copy(self, adapter: str) -> None:
-        del self.copies[adapter]
-
     # --- the follower protocol (shared with LoraLayer; see adapters.followers) -------------------
     def holds(self, name: str) -> bool:
         return name in self.copies
 
     def drop(self, name: str) -> None:
-        self.remove_copy(name)
+        """Remove adapter `name`'s copy."""
+        del self.copies[name]
 
     @property
     def empty(self) -> bool:

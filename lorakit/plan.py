@@ -20,14 +20,14 @@ import json
 import math
 import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .config import LoraConfig
+from .config import LoraConfig, option
 from .errors import LoraError, problems_error
 from .inject import inject_
 from .io import FORMAT_VERSION, _peft_keys, base_fingerprint
@@ -39,23 +39,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 TYPICAL_FINGERPRINT = [-1.2345678901234567e-05, 0.012345678901234567, -0.012345678901234567]
 
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
 class PlanConfig:
     """What to plan. Every field is also a `lorakit plan` option (underscores become dashes)."""
 
-    model: str = _opt("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
-    rank: int = _opt(8, "LoRA rank r")
-    targets: tuple[str, ...] = _opt(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
-    batch: int = _opt(8, "examples per forward pass (lorakit train's batch_size / grad_accum / processes)")
-    seq: int = _opt(128, "tokens per example (lorakit train's max_length)")
-    dropout: float = _opt(0.0, "dropout on the adapter input")
-    dtype: str = _opt("float32", "dtype of the base weights", choices=DTYPES)
-    bf16: bool = _opt(False, "bfloat16 autocast for forward and backward")
-    grad_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    rank: int = option(8, "LoRA rank r")
+    targets: tuple[str, ...] = option(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
+    batch: int = option(8, "examples per forward pass (lorakit train's batch_size / grad_accum / processes)")
+    seq: int = option(128, "tokens per example (lorakit train's max_length)")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    dtype: str = option("float32", "dtype of the base weights", choices=DTYPES)
+    bf16: bool = option(False, "bfloat16 autocast for forward and backward")
+    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -145,7 +141,7 @@ def _dry_run(config, lora_config: LoraConfig | None, batch: int, seq: int, dtype
     trainable = [t for t in tensors.values() if isinstance(t, nn.Parameter) and t.requires_grad]
     gradients = sum(_nbytes(p) for p in trainable)
     states = 2 * gradients + 4 * len(trainable)  # AdamW: exp_avg, exp_avg_sq like the parameter; a step count
-    counter = _LiveBytes()
+    counter = LiveBytes()
     with fake, counter:
         loss = summed_causal_lm_loss(model, inputs, bf16, verify=False)
         activations = counter.live
@@ -162,7 +158,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """Bytes of the tensors created under it that are still alive, and their peak.
 
     A tensor counts once per storage, from the op that creates it until its storage is freed;

@@ -76,6 +76,12 @@ def plot_spectra(result: dict, png: Path) -> Path:
     return _save_figure(fig, png)
 
 
+def _phi_image(ax, phi: list[list[float]], rows: int, cols: int, aspect: str):
+    """phi(i, j) for i <= rows, j <= cols as an image on 0..1, i down and j across, cells centred on 1, 2, ..."""
+    return ax.imshow([line[:cols] for line in phi[:rows]], vmin=0, vmax=1, cmap="inferno", aspect=aspect,
+                     extent=(0.5, cols + 0.5, rows + 0.5, 0.5), interpolation="nearest")
+
+
 def plot_similarity(result: dict, png: Path, zoom: int = 8) -> Path:
     """Per kind of module: phi(i, j) averaged over layers, whole and its top-`zoom` corner (the
     paper's Figure 3 layout: i down, j across, brighter = more alike)."""
@@ -90,8 +96,7 @@ def plot_similarity(result: dict, png: Path, zoom: int = 8) -> Path:
         mean = [[sum(p[i][j] for p in phis) / len(phis) for j in range(cols)] for i in range(rows)]
         for ax, (r, c), title in ((row[0], (rows, cols), f"top {rows} x top {cols}"),
                                   (row[1], (min(rows, zoom), min(cols, zoom)), f"top {min(rows, zoom)} x top {min(cols, zoom)}")):
-            image = ax.imshow([line[:c] for line in mean[:r]], vmin=0, vmax=1, cmap="inferno", aspect="auto",
-                              extent=(0.5, c + 0.5, r + 0.5, 0.5), interpolation="nearest")
+            image = _phi_image(ax, mean, r, c, aspect="auto")
             ax.set_xlabel("j: second update's top-j directions")
             ax.set_ylabel("i: first update's top-i")
             ax.set_title(f"{names[group]}: phi(i, j), {title}, mean of {len(members)} layers", fontsize=9)
@@ -114,9 +119,8 @@ def plot_similarity_by_layer(result: dict, png: Path, zoom: int = 8, most: int =
         for ax in row[len(members):]:
             ax.axis("off")
         for ax, m in zip(row, members):
-            phi = [line[:zoom] for line in m["similarity"]["phi"][:zoom]]
-            image = ax.imshow(phi, vmin=0, vmax=1, cmap="inferno", extent=(0.5, len(phi[0]) + 0.5, len(phi) + 0.5, 0.5),
-                              interpolation="nearest")
+            phi = m["similarity"]["phi"]
+            image = _phi_image(ax, phi, min(zoom, len(phi)), min(zoom, len(phi[0])), aspect="equal")
             where = f"layer {m['layer']}" if m["layer"] is not None else m["path"]
             ax.set_title(f"{names[group]}, {where}", fontsize=8)
             ax.set_xlabel("j", fontsize=8)

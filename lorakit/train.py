@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, trainable_weights
-from .config import LoraConfig
+from .config import LoraConfig, option
 from .data import TASKS, BatchStream, collate, load_dataset, padding_id, split_dataset
 from .distributed import World, all_reduce_sum, barrier, close_world, init_world, reduce_gradients
 from .errors import LoraError, problems_error
@@ -36,42 +36,38 @@ LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run. Every field is also a `lorakit train` option (underscores become dashes)."""
 
-    model: str = _opt("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
-    data: str = _opt("data/kjv_sample.txt", "training data: .txt, JSONL {text} or {prompt,response}; classify: JSONL/CSV {text,label}")
-    task: str = _opt("causal-lm", "causal-lm or classify", choices=TASKS)
-    out: str = _opt("out/run", "output folder: adapter/, checkpoints/, log.jsonl, summary.json, loss.png")
-    rank: int = _opt(8, "LoRA rank r")
-    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / rank)")
-    dropout: float = _opt(0.0, "dropout on the adapter input")
-    targets: tuple[str, ...] = _opt(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
-    full: bool = _opt(False, "full fine-tuning of every weight instead of LoRA (same loop, for comparison)")
-    steps: int = _opt(100, "optimiser steps")
-    lr: float = _opt(2e-4, "peak learning rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup: int = _opt(0, "linear warm-up steps")
-    schedule: str = _opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
-    batch_size: int = _opt(8, "examples per optimiser step, over all processes and accumulation steps")
-    grad_accum: int = _opt(1, "micro-batches per optimiser step (batch_size must divide evenly)")
-    max_length: int = _opt(128, "tokens per example (longer texts are split or truncated)")
-    eval_fraction: float = _opt(0.1, "share of the data held out for evaluation (0: none)")
-    eval_every: int = _opt(0, "evaluate every N steps (0: only at the start and end)")
-    save_every: int = _opt(0, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
-    seed: int = _opt(0, "random seed (data order, initialisation, dropout)")
-    clip: float = _opt(1.0, "gradient-norm clipping (0: off)")
-    grad_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    bf16: bool = _opt(False, "bfloat16 autocast for forward and backward")
-    max_bad_steps: int = _opt(5, "stop after this many consecutive steps with NaN/Inf loss or gradients")
-    resume: str | None = _opt(None, "continue from the latest checkpoint of this run folder")
-    progress: bool = _opt(True, "show a progress bar")
+    model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    data: str = option("data/kjv_sample.txt", "training data: .txt, JSONL {text} or {prompt,response}; classify: JSONL/CSV {text,label}")
+    task: str = option("causal-lm", "causal-lm or classify", choices=TASKS)
+    out: str = option("out/run", "output folder: adapter/, checkpoints/, log.jsonl, summary.json, loss.png")
+    rank: int = option(8, "LoRA rank r")
+    alpha: float = option(16.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    targets: tuple[str, ...] = option(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
+    full: bool = option(False, "full fine-tuning of every weight instead of LoRA (same loop, for comparison)")
+    steps: int = option(100, "optimiser steps")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup: int = option(0, "linear warm-up steps")
+    schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    batch_size: int = option(8, "examples per optimiser step, over all processes and accumulation steps")
+    grad_accum: int = option(1, "micro-batches per optimiser step (batch_size must divide evenly)")
+    max_length: int = option(128, "tokens per example (longer texts are split or truncated)")
+    eval_fraction: float = option(0.1, "share of the data held out for evaluation (0: none)")
+    eval_every: int = option(0, "evaluate every N steps (0: only at the start and end)")
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    seed: int = option(0, "random seed (data order, initialisation, dropout)")
+    clip: float = option(1.0, "gradient-norm clipping (0: off)")
+    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    bf16: bool = option(False, "bfloat16 autocast for forward and backward")
+    max_bad_steps: int = option(5, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+    resume: str | None = option(None, "continue from the latest checkpoint of this run folder")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
