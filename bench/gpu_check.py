@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # lorakit from this checkout (installed or not), the tiny models
 import lorakit as lk  # noqa: E402
 import tiny  # noqa: E402
-from lorakit.loss import _plain_loss, summed_causal_lm_loss  # noqa: E402
+from lorakit.training.loss import _plain_loss, summed_causal_lm_loss  # noqa: E402
 
 CUDA = torch.device("cuda")  # --device cpu runs the same checks on the CPU (to try the script out)
 CHECKS = []

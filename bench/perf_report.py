@@ -289,7 +289,7 @@ def body(result: dict) -> str:
         "first step; `added by training` is the difference (gradients, AdamW state, activations). RSS also "
         "holds the allocator's slack (memory freed by torch but kept by malloc), which no library controls; "
         "`peak live tensors` counts only tensors alive at once during one more step (every tensor created by "
-        "an op, from creation until freed: activations kept for backward, gradients, temporaries; lorakit.plan's "
+        "an op, from creation until freed: activations kept for backward, gradients, temporaries; lorakit.training.plan's "
         "counter), measured after the timed rounds.",
     ]
     for name, summary in result["models"].items():

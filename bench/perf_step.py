@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import perf_models as pm
-from lorakit.train import summed_loss
+from lorakit.training.train import summed_loss
 from perf_load import Meter, QuietGate
 
 BENCH = Path(__file__).resolve().parent
@@ -105,7 +105,7 @@ class Trainer:
 
     def loss(self) -> torch.Tensor:
         """Mean next-token cross-entropy of the batch, computed the way the variant's users train:
-        lorakit through `lorakit train`'s own loss (lorakit.train.summed_loss: chunked, never holding
+        lorakit through `lorakit train`'s own loss (lorakit.training.train.summed_loss: chunked, never holding
         the (batch, seq, vocab) logits), the others through the model's own `labels=` loss (what
         transformers' Trainer calls)."""
         if self.spec.variant not in CHUNKED_LOSS:
@@ -115,10 +115,10 @@ class Trainer:
         return summed / (self.ids.shape[0] * (self.ids.shape[1] - 1))
 
     def live_tensors(self) -> dict:
-        """One more step with every tensor it creates tracked (lorakit.plan's counter): the peak bytes of
+        """One more step with every tensor it creates tracked (lorakit.training.plan's counter): the peak bytes of
         live tensors (activations kept for backward, gradients, temporaries; not the weights or the
         AdamW state made earlier), without the allocator's slack that RSS also holds (MB)."""
-        from lorakit.plan import LiveBytes
+        from lorakit.training.plan import LiveBytes
 
         self.optimizer.zero_grad(set_to_none=True)
         counter = LiveBytes()

@@ -14,8 +14,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from lorakit.analysis_report import AnalyzeConfig
-from lorakit.train import TrainConfig, train
+from lorakit.analysis.report import AnalyzeConfig
+from lorakit.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BASES = {

@@ -1,18 +1,18 @@
 """lorakit: Low-Rank Adaptation for any PyTorch model, with lossless merge and PEFT-compatible files."""
-from .adapters import adapter_config, adapter_paths, adapters, delete_adapter, disabled, merged_adapter, set_active, use
-from .analysis import (Update, adapter_updates, amplification, analyze, effective_rank, energy_rank, model_updates,
+from .core.adapters import adapter_config, adapter_paths, adapters, delete_adapter, disabled, merged_adapter, set_active, use
+from .analysis.measures import (Update, adapter_updates, amplification, analyze, effective_rank, energy_rank, model_updates,
                        spectrum, subspace_similarity, weight_updates)
-from .cache import AdapterCache
-from .config import LoraConfig
+from .serving.cache import AdapterCache
+from .core.config import LoraConfig
 from .errors import LoraError
-from .inject import active_adapter, inject_, resolve_modules_to_save, resolve_targets
-from .io import adapter_info, load_adapter, save_adapter
-from .layers import LoraLayer, lora_layers
-from .lowrank import delta_weight, lora_scale
-from .merge import merge_, unload_, unmerge_
-from .mixed import mixed_batch
-from .modules_to_save import ModuleToSave, saved_modules
-from .params import parameter_counts
+from .core.inject import active_adapter, inject_, resolve_modules_to_save, resolve_targets
+from .io.adapter_files import adapter_info, load_adapter, save_adapter
+from .core.layers import LoraLayer, lora_layers
+from .core.lowrank import delta_weight, lora_scale
+from .core.merge import merge_, unload_, unmerge_
+from .core.mixed import mixed_batch
+from .core.modules_to_save import ModuleToSave, saved_modules
+from .core.params import parameter_counts
 from .zoo import BUNDLED, load_bundled, load_model
 
 __version__ = "0.1.0"

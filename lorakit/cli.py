@@ -44,7 +44,7 @@ def existing_directory(text: str) -> str:
 
 def adapter_option(text: str) -> tuple[str | None, str]:
     """generate's --adapter: (None, DIR), one adapter for every prompt, or (NAME, DIR), one the prompts name."""
-    from .inject import ADAPTER_NAME
+    from .core.inject import ADAPTER_NAME
 
     name, equals, directory = text.partition("=")
     if not equals or not ADAPTER_NAME.fullmatch(name) or Path(text).is_dir():
@@ -103,15 +103,15 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
 
 def train_default(name: str):
     """TrainConfig's default for `name`: eval and generate share the training run's defaults."""
-    from .train import TrainConfig
+    from .training.train import TrainConfig
 
     return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import TASKS
-    from .plan import PlanConfig
-    from .train import TrainConfig
+    from .training.data import TASKS
+    from .training.plan import PlanConfig
+    from .training.train import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="lorakit", description="Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect, plan.",
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    from .analysis_report import AnalyzeConfig
+    from .analysis.report import AnalyzeConfig
 
     analyzer = command("analyze", "what an update learned (the LoRA paper's section 7): spectra and effective rank, "
                                   "subspace similarity with --compare, amplification of W with --base; writes "
@@ -249,7 +249,7 @@ def _device():
 
 # --- train -----------------------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .training.train import TrainConfig, train
 
     from_args = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**from_args)
@@ -296,9 +296,9 @@ def _size(n: float) -> str:
 
 # --- eval ------------------------------------------------------------------------------------------------
 def _eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset, padding_id
-    from .inference import adapter_task, load_for_inference
-    from .train import evaluate
+    from .training.data import load_dataset, padding_id
+    from .serving.inference import adapter_task, load_for_inference
+    from .training.train import evaluate
     from .zoo import load_tokenizer
 
     task, labels = adapter_task(args.adapter, args.task)
@@ -320,8 +320,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 # --- generate --------------------------------------------------------------------------------------------
 def _generate(args: argparse.Namespace) -> int:
-    from .data import load_prompts
-    from .inference import generate, load_for_inference
+    from .training.data import load_prompts
+    from .serving.inference import generate, load_for_inference
 
     single, named = _adapter_options(args.adapter)
     if named:
@@ -357,9 +357,9 @@ def _adapter_options(values: list[tuple[str | None, str]] | None) -> tuple[str |
 
 def _generate_per_row(args: argparse.Namespace, named: dict[str, str]) -> int:
     """Every row of --prompts through the adapter it names, all in one batch (AdapterCache + mixed_batch)."""
-    from .cache import AdapterCache
-    from .data import load_prompts
-    from .inference import adapter_task, generate, load_for_inference
+    from .serving.cache import AdapterCache
+    from .training.data import load_prompts
+    from .serving.inference import adapter_task, generate, load_for_inference
 
     if args.prompts is None:
         raise LoraError('--prompt: named adapters (--adapter NAME=DIR) are for the rows of --prompts FILE.jsonl, '
@@ -399,7 +399,7 @@ def _print_completions(args, prompts: list[str], adapters: list[str | None], com
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
-    from .inference import merge_to_folder
+    from .serving.inference import merge_to_folder
 
     out = merge_to_folder(args.model, args.adapter, args.out, getattr(torch, args.dtype), args.force)
     print(f"merged {args.adapter} into {args.model}: {out} ({_size(_folder_bytes(out))}, {args.dtype})")
@@ -414,8 +414,8 @@ def _folder_bytes(folder: Path) -> int:
 
 # --- inspect ---------------------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> int:
-    from .io import adapter_info
-    from .lowrank import lora_scale
+    from .io.adapter_files import adapter_info
+    from .core.lowrank import lora_scale
 
     info = adapter_info(args.adapter)
     c = info["config"]
@@ -446,8 +446,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # --- plan ------------------------------------------------------------------------------------------------
 def _analyze(args: argparse.Namespace) -> int:
-    from .analysis import by_group
-    from .analysis_report import AnalyzeConfig
+    from .analysis.measures import by_group
+    from .analysis.report import AnalyzeConfig
 
     cfg = AnalyzeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AnalyzeConfig)})
     result = cfg.run()
@@ -466,7 +466,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import PlanConfig
+    from .training.plan import PlanConfig
 
     cfg = PlanConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PlanConfig)})
     result = cfg.run()

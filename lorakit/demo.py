@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.train import TrainConfig, train
+from lorakit.training.train import TrainConfig, train
 from lorakit.zoo import cache_root, load_task_model, load_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -1,4 +1,4 @@
-"""lorakit.adapters: several named adapters on one model; switching, use, disabled, delete."""
+"""lorakit.core.adapters: several named adapters on one model; switching, use, disabled, delete."""
 import contextlib
 import copy
 import math
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.adapters import followers, temporarily
+from lorakit.core.adapters import followers, temporarily
 from cases import Toy, factors_of, randomize_model_, toy_reference
 
 IDX = torch.tensor([[1, 5, 2, 12, 0], [3, 3, 7, 9, 11]])

@@ -1,4 +1,4 @@
-"""lorakit.analysis against known answers on constructed matrices, the reference LoRA update, and
+"""lorakit.analysis.measures against known answers on constructed matrices, the reference LoRA update, and
 `lorakit analyze` end to end on tiny real models."""
 import json
 import math
@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
-from lorakit import analysis as an
+from lorakit.analysis import measures as an
 from lorakit.cli import main
 
 import reference

@@ -1,4 +1,4 @@
-"""lorakit.cache: lazy loading, LRU eviction within capacity, counters, errors; outputs through the cache
+"""lorakit.serving.cache: lazy loading, LRU eviction within capacity, counters, errors; outputs through the cache
 equal each adapter loaded directly with lk.load_adapter (the reference), also with hundreds registered."""
 from pathlib import Path
 

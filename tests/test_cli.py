@@ -18,8 +18,8 @@ from safetensors import safe_open
 import lorakit as lk
 import tiny
 from lorakit.cli import main
-from lorakit.inference import prompt_texts
-from lorakit.train import TrainConfig
+from lorakit.serving.inference import prompt_texts
+from lorakit.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAGRAPHS = [
@@ -254,7 +254,7 @@ def test_inspect_reports_the_adapter_from_its_header(lm):
     assert info["modules"] == len(layers)
     assert info["parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert info["task"] == "causal-lm" and info["base_model"] == str(lm["model"]) and info["label_names"] is None
-    assert info["format_version"] == lk.io.FORMAT_VERSION and info["scale"] == 2.0
+    assert info["format_version"] == lk.io.adapter_files.FORMAT_VERSION and info["scale"] == 2.0
     assert info["base_fingerprint"] == hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     assert info["files"] == {name: (lm["adapter"] / name).stat().st_size
                              for name in ("adapter_config.json", "adapter_model.safetensors")}

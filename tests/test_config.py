@@ -1,4 +1,4 @@
-"""lorakit.config: LoraConfig validation, immutability, per-module rank/alpha, target matching."""
+"""lorakit.core.config: LoraConfig validation, immutability, per-module rank/alpha, target matching."""
 import copy
 import dataclasses
 import json
@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 import lorakit as lk
-from lorakit.config import path_matches
+from lorakit.core.config import path_matches
 
 # One bad value per field; each must be named (field and value) in the error.
 BAD_FIELDS = {

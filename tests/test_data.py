@@ -1,4 +1,4 @@
-"""lorakit.data: file formats, loss masks, error messages, splits, batches and the resumable batch order.
+"""lorakit.training.data: file formats, loss masks, error messages, splits, batches and the resumable batch order.
 
 The fast tests use a tiny word-level tokenizer built here (no model); the reference for every
 tokenisation is the tokenizer itself, called directly on the text the module should have used.
@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import lorakit as lk
 from lorakit.zoo import cache_root, load_bundled
-from lorakit.data import IGNORE_INDEX, TASKS, BatchStream, Dataset, collate, load_dataset, padding_id, split_dataset
+from lorakit.training.data import IGNORE_INDEX, TASKS, BatchStream, Dataset, collate, load_dataset, padding_id, split_dataset
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 WORDS = "the a cat dog sat on mat hello there say how are you fine thanks big small red".split()

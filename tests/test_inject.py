@@ -1,4 +1,4 @@
-"""lorakit.inject: which modules a config targets, the errors when it cannot, and injection itself."""
+"""lorakit.core.inject: which modules a config targets, the errors when it cannot, and injection itself."""
 import copy
 
 import pytest
@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
 from cases import Toy, same, snapshot
-from lorakit.layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLinear
+from lorakit.core.layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLinear
 
 IDS = torch.tensor([[1, 7, 3, 9, 2, 4]])
 SUPPORTED = ("Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
-from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
 
 
 class Net(nn.Module):
@@ -97,7 +97,7 @@ def test_files_are_peft_layout_with_lorakit_metadata(saved):
     assert "base_model.model.embed.lora_embedding_B" in keys
     with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
         meta = f.metadata()
-    assert meta["lorakit_format_version"] == lk.io.FORMAT_VERSION
+    assert meta["lorakit_format_version"] == lk.io.adapter_files.FORMAT_VERSION
     assert set(json.loads(meta["lorakit_base_fingerprint"])) == {"embed", "conv", "proj"}
 
 
@@ -128,7 +128,7 @@ def test_save_is_atomic_and_failed_save_keeps_old_files(saved, monkeypatch):
         Path(args[1]).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("lorakit.io.save_file", broken_save)
+    monkeypatch.setattr("lorakit.io.adapter_files.save_file", broken_save)
     with torch.no_grad():
         next(iter(lk.lora_layers(model)))[1].lora_B["default"].add_(1.0)
     with pytest.raises(OSError):
@@ -288,7 +288,7 @@ def test_adapter_info_reads_config_counts_and_metadata(tmp_path):
     assert info["modules"] == len(layers) == 3
     assert info["parameters"] == sum(l.lora_A["default"].numel() + l.lora_B["default"].numel() for l in layers.values())
     assert info["config"]["rank"] == 4 and info["config"]["alpha"] == 8 and info["config"]["rank_pattern"] == {"conv": 2}
-    assert info["task"] == "classify" and info["label_names"] == ["no", "yes"] and info["format_version"] == lk.io.FORMAT_VERSION
+    assert info["task"] == "classify" and info["label_names"] == ["no", "yes"] and info["format_version"] == lk.io.adapter_files.FORMAT_VERSION
     assert info["files"] == {n: (directory / n).stat().st_size for n in (CONFIG_FILE, WEIGHTS_FILE)}
     assert len(info["base_fingerprint"]) == 12
 
@@ -306,15 +306,15 @@ def test_fingerprint_of_a_large_weight_samples_it_and_still_tells_bases_apart():
     """Past FINGERPRINT_ENTRIES entries the probe samples fixed positions: a re-seeded base differs,
     a scaled copy differs, a bfloat16 copy agrees."""
     def fingerprint(weight):
-        return lk.io.base_fingerprint(_holding(weight), ["proj"])
+        return lk.io.adapter_files.base_fingerprint(_holding(weight), ["proj"])
 
-    n = 4 * lk.io.FINGERPRINT_ENTRIES
+    n = 4 * lk.io.adapter_files.FINGERPRINT_ENTRIES
     w = torch.randn(n // 64, 64, generator=torch.Generator().manual_seed(0))
     same = fingerprint(w)
-    assert lk.io._fingerprint_problems(same, fingerprint(w.clone())) == []
-    assert lk.io._fingerprint_problems(same, fingerprint(w.to(torch.bfloat16))) == []
-    assert lk.io._fingerprint_problems(same, fingerprint(torch.randn(w.shape))) == ["proj"]
-    assert lk.io._fingerprint_problems(same, fingerprint(w * 1.1)) == ["proj"]
+    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(w.clone())) == []
+    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(w.to(torch.bfloat16))) == []
+    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(torch.randn(w.shape))) == ["proj"]
+    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(w * 1.1)) == ["proj"]
 
 
 def _holding(weight: torch.Tensor) -> nn.Module:
@@ -326,6 +326,6 @@ def _holding(weight: torch.Tensor) -> nn.Module:
 def test_an_adapter_with_an_older_fingerprint_method_loads_unchecked(saved, tmp_path):
     """Format 1 fingerprinted every entry; its numbers are not comparable, so they are not compared."""
     model, directory = saved
-    tensors, metadata = lk.io._read_weights(directory / WEIGHTS_FILE)
+    tensors, metadata = lk.io.adapter_files._read_weights(directory / WEIGHTS_FILE)
     save_file(tensors, directory / WEIGHTS_FILE, metadata={**metadata, "lorakit_format_version": "1"})
     lk.load_adapter(fresh(seed=1), directory)  # a different base, but nothing to compare with

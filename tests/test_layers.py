@@ -1,4 +1,4 @@
-"""lorakit.layers: every LoRA layer type against reference.py, unmerged and merged, with gradients."""
+"""lorakit.core.layers: every LoRA layer type against reference.py, unmerged and merged, with gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +8,7 @@ from torch import nn
 import lorakit as lk
 import reference
 from cases import DTYPES, EPS, EXAMPLES, Case, Holder, cases, f64, randomize_
-from lorakit.layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLinear
+from lorakit.core.layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLinear
 
 WRAPPER = {"linear": LoraLinear, "gpt2_conv1d": LoraConv1D, "embedding": LoraEmbedding,
            "conv1d": LoraConv, "conv2d": LoraConv, "conv3d": LoraConv}

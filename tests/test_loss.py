@@ -1,4 +1,4 @@
-"""lorakit.loss: the chunked causal-LM loss equals one cross-entropy over the full logits (loss and
+"""lorakit.training.loss: the chunked causal-LM loss equals one cross-entropy over the full logits (loss and
 gradients), never forms the (B, T, vocab) logits, and falls back where a model post-processes them."""
 import pytest
 import torch
@@ -8,8 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.modeling_outputs import CausalLMOutput
 
 import lorakit as lk
-import lorakit.loss as loss_module
-from lorakit.loss import summed_causal_lm_loss
+import lorakit.training.loss as loss_module
+from lorakit.training.loss import summed_causal_lm_loss
 
 VOCAB = 97
 

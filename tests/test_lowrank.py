@@ -1,4 +1,4 @@
-"""lorakit.lowrank: the scale, dW = scale * B @ A (grouped) and the unmerged low-rank path."""
+"""lorakit.core.lowrank: the scale, dW = scale * B @ A (grouped) and the unmerged low-rank path."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import lorakit as lk
 import reference
-from lorakit.lowrank import lowrank_linear
+from lorakit.core.lowrank import lowrank_linear
 
 
 @pytest.mark.parametrize("rank, alpha", [(1, 1.0), (8, 16.0), (16, 8.0), (3, 7.5), (64, 128)])

@@ -1,4 +1,4 @@
-"""lorakit.merge: merge_/unmerge_/unload_, and the merge properties over every layer type and dtype."""
+"""lorakit.core.merge: merge_/unmerge_/unload_, and the merge properties over every layer type and dtype."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""lorakit.mixed: one batch, each example through its own adapter, against running every example
+"""lorakit.core.mixed: one batch, each example through its own adapter, against running every example
 alone (lk.use, or lk.disabled for None) and against reference.py: forward, gradients and
 training, per-example dropout, modules to save, generation, the no-grad cache and the errors."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""lorakit.modules_to_save: modules trained in full with an adapter (one copy per adapter), their
+"""lorakit.core.modules_to_save: modules trained in full with an adapter (one copy per adapter), their
 switching, disabling, deleting, merging and unloading, their files, and PEFT interop both ways."""
 import copy
 import json
@@ -13,7 +13,7 @@ from torch import nn
 
 import lorakit as lk
 from cases import same, snapshot
-from lorakit.io import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
 
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 19]])
 # Against the reference: F.linear's kernel (so its last bit) depends on whether the weight

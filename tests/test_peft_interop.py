@@ -239,9 +239,9 @@ def test_lorakit_config_fields_read_back_by_peft(tmp_path):
 
 @pytest.mark.parametrize("case", ["gpt2-c_attn", "llama-all-linear-patterns", "bert-qv-embedding"])
 def test_analysis_reads_peft_adapters_with_peft_delta_weights(case, tmp_path):
-    """lorakit.analysis on a PEFT folder: each module's dW is PEFT's own get_delta_weight (rank and
+    """lorakit.analysis.measures on a PEFT folder: each module's dW is PEFT's own get_delta_weight (rank and
     alpha patterns, Conv1D and embedding layouts included), as the (d_out, fan_in) matrix B @ A adds to."""
-    from lorakit.analysis import adapter_updates
+    from lorakit.analysis.measures import adapter_updates
 
     base, _, peft_config = both_configs(case)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_config).eval()

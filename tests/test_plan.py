@@ -1,4 +1,4 @@
-"""lorakit.plan: trainable parameters and adapter file size exact against inject_ + save_adapter; the
+"""lorakit.training.plan: trainable parameters and adapter file size exact against inject_ + save_adapter; the
 predicted peak training memory within 20% of one measured in a fresh process; `lorakit plan`."""
 import json
 import os
@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import lorakit as lk
 import tiny
 from lorakit.cli import main
-from lorakit.plan import PlanConfig, plan
+from lorakit.training.plan import PlanConfig, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_GPT2 = dict(n_layer=2)  # GPT-2's widths and vocabulary, two blocks
@@ -27,7 +27,7 @@ import json, os, sys, threading, time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 import lorakit as lk
-from lorakit.train import summed_loss
+from lorakit.training.train import summed_loss
 
 def rss():
     with open("/proc/self/statm") as f:

@@ -164,7 +164,7 @@ def test_peft_loads_the_adapter_with_identical_outputs(case, pristine, tmp_path)
 def test_analyze_reads_the_adapter_back_onto_the_real_base(case, tmp_path):
     """lorakit analyze with --base: every adapted module measured against the real frozen W, which
     no r directions can hold more of than W's own top r (Ky Fan), and dW equal to the model's."""
-    from lorakit.analysis_report import AnalyzeConfig
+    from lorakit.analysis.report import AnalyzeConfig
 
     case.inject()
     randomize_adapters(case.model)

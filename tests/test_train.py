@@ -1,4 +1,4 @@
-"""lorakit.train: learning, exact resume, DDP equivalence, NaN handling, crash-safe checkpoints."""
+"""lorakit.training.train: learning, exact resume, DDP equivalence, NaN handling, crash-safe checkpoints."""
 import json
 import os
 import shutil
@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 import tiny
-from lorakit.checkpoint import find_checkpoint, load_checkpoint
-from lorakit.train import TrainConfig, train
+from lorakit.training.checkpoint import find_checkpoint, load_checkpoint
+from lorakit.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ def test_checkpoint_holds_optimizer_scheduler_rng_and_data_position(lm_dir, text
 
 
 def test_nan_steps_are_skipped_and_persistent_nan_stops(lm_dir, text_file, tmp_path, monkeypatch):
-    import lorakit.train as training
+    import lorakit.training.train as training
 
     real = training.summed_loss
     calls = {"n": 0}
@@ -131,8 +131,8 @@ def test_nan_steps_are_skipped_and_persistent_nan_stops(lm_dir, text_file, tmp_p
 
 KILLER = """
 import os, signal, sys
-import lorakit.checkpoint as checkpoint
-from lorakit.train import TrainConfig, train
+import lorakit.training.checkpoint as checkpoint
+from lorakit.training.train import TrainConfig, train
 real = checkpoint.save_file
 calls = {"n": 0}
 def dying_save(tensors, path, *args, **kwargs):

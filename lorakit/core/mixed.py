@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import adapters, followers, merged_adapter, temporarily
-from .errors import LoraError
+from ..errors import LoraError
 from .layers import LoraLayer, lora_layers
 from .modules_to_save import ModuleToSave
 

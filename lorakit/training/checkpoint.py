@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import LoraError
-from .files import write_text_atomically
+from ..errors import LoraError
+from ..io.files import write_text_atomically
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

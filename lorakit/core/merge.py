@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import adapters, merged_adapter, set_active
-from .errors import LoraError
+from ..errors import LoraError
 from .inject import active_adapter
 from .layers import lora_layers
 from .modules_to_save import saved_modules

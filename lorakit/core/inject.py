@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig, path_matches
-from .errors import LoraError, problems_error
+from ..errors import LoraError, problems_error
 from .layers import LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, lora_layers, supported_type_names
 from .modules_to_save import CONTAINERS, ModuleToSave, saved_modules
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from .errors import problems_error
+from ..errors import problems_error
 from .lowrank import lora_scale
 
 BIAS_MODES = ("none", "all", "lora_only")

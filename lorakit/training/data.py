@@ -23,7 +23,7 @@ from typing import Collection
 
 import torch
 
-from .errors import LoraError, problems_error
+from ..errors import LoraError, problems_error
 
 TASKS = ("causal-lm", "classify")
 IGNORE_INDEX = -100  # the label that torch's cross-entropy (and transformers' losses) skip

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .analysis import by_group
-from .files import write_atomically
+from .measures import by_group
+from ..io.files import write_atomically
 
 
 def plot_loss_curve(log_file: Path, png: Path) -> Path:

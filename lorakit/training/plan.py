@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .config import LoraConfig, option
-from .errors import LoraError, problems_error
-from .inject import inject_
-from .io import FORMAT_VERSION, _peft_keys, base_fingerprint
-from .layers import lora_layers
+from ..core.config import LoraConfig, option
+from ..errors import LoraError, problems_error
+from ..core.inject import inject_
+from ..io.adapter_files import FORMAT_VERSION, _peft_keys, base_fingerprint
+from ..core.layers import lora_layers
 from .loss import summed_causal_lm_loss
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -101,7 +101,7 @@ def _config_of(model_or_config):
     if isinstance(model_or_config, transformers.PretrainedConfig):
         return model_or_config, None
     if isinstance(model_or_config, (str, os.PathLike)):
-        from .zoo import model_directory
+        from ..zoo import model_directory
 
         return transformers.AutoConfig.from_pretrained(model_directory(model_or_config), local_files_only=True), None
     raise LoraError(f"model={type(model_or_config).__name__}: give a bundled model name, a transformers model "

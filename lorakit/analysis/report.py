@@ -10,13 +10,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .analysis import (BASES, DIRECTIONS, Update, adapter_updates, analyze, by_group, model_updates, random_similarity,
+from .measures import (BASES, DIRECTIONS, Update, adapter_updates, analyze, by_group, model_updates, random_similarity,
                        weight_updates)
-from .config import option
-from .errors import LoraError, problems_error
-from .io import CONFIG_FILE, adapter_info, load_adapter
-from .files import write_text_atomically
-from .plots import plot_similarity, plot_similarity_by_layer, plot_spectra
+from ..core.config import option
+from ..errors import LoraError, problems_error
+from ..io.adapter_files import CONFIG_FILE, adapter_info, load_adapter
+from ..io.files import write_text_atomically
+from .figures import plot_similarity, plot_similarity_by_layer, plot_spectra
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def is_model_folder(folder: str | os.PathLike) -> bool:
 
 def load_updates(folder: str, base: str | None, targets: tuple[str, ...] = ()) -> dict[str, Update]:
     """An adapter's updates (with W when `base` is given), or a fine-tuned model's W - W_base."""
-    from .zoo import load_model, load_task_model
+    from ..zoo import load_model, load_task_model
 
     if is_model_folder(folder):
         if base is None:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import LoraError
-from .inject import base_of, candidate_modules
-from .io import read_factors
-from .layers import layer_class_for, lora_layers
-from .lowrank import delta_weight
+from ..errors import LoraError
+from ..core.inject import base_of, candidate_modules
+from ..io.adapter_files import read_factors
+from ..core.layers import layer_class_for, lora_layers
+from ..core.lowrank import delta_weight
 
 DIRECTIONS = 64  # subspaces are compared over at most this many top directions
 FULL_UPDATE_RANK = 8  # amplification of a full update, compared with no LoRA adapter: its top 8 directions

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import adapter_config, adapter_paths, adapters
-from .config import LoraConfig
-from .errors import LoraError, problems_error
+from ..core.adapters import adapter_config, adapter_paths, adapters
+from ..core.config import LoraConfig
+from ..errors import LoraError, problems_error
 from .files import write_atomically
-from .inject import active_adapter, base_of, candidate_modules, check_adapter_name, inject_, is_linear, output_head
-from .layers import LoraConv1D, LoraEmbedding, LoraLayer, layer_class_for, lora_layers
-from .modules_to_save import saved_modules, saved_paths
+from ..core.inject import active_adapter, base_of, candidate_modules, check_adapter_name, inject_, is_linear, output_head
+from ..core.layers import LoraConv1D, LoraEmbedding, LoraLayer, layer_class_for, lora_layers
+from ..core.modules_to_save import saved_modules, saved_paths
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -498,7 +498,7 @@ def _apply(model: nn.Module, config: LoraConfig, paths: list[str], tensors: dict
             param.copy_(tensors[key])
     except BaseException:
         if injected and adapter in adapters(model):
-            from .adapters import delete_adapter
+            from ..core.adapters import delete_adapter
             delete_adapter(model, adapter)
         else:
             layers = dict(lora_layers(model))

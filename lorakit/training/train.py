@@ -20,16 +20,16 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, trainable_weights
-from .config import LoraConfig, option
+from ..core.config import LoraConfig, option
 from .data import TASKS, BatchStream, collate, load_dataset, padding_id, split_dataset
 from .distributed import World, all_reduce_sum, barrier, close_world, init_world, reduce_gradients
-from .errors import LoraError, problems_error
-from .files import write_text_atomically
-from .inject import inject_
-from .io import save_adapter
+from ..errors import LoraError, problems_error
+from ..io.files import write_text_atomically
+from ..core.inject import inject_
+from ..io.adapter_files import save_adapter
 from .loss import summed_causal_lm_loss
-from .params import parameter_counts
-from .zoo import classifier_head, load_task_model, load_tokenizer
+from ..core.params import parameter_counts
+from ..zoo import classifier_head, load_task_model, load_tokenizer
 
 SCHEDULES = ("constant", "linear", "cosine")
 LOG_FILE = "log.jsonl"
@@ -360,7 +360,7 @@ class _Run:
             "config": self.cfg.to_dict(),
         }
         write_text_atomically(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-        from .plots import plot_loss_curve
+        from ..analysis.figures import plot_loss_curve
 
         plot_loss_curve(self.out / LOG_FILE, self.out / "loss.png")
 

@@ -20,11 +20,11 @@ from typing import Iterator, Mapping, Sequence
 
 from torch import nn
 
-from .adapters import adapters, delete_adapter, set_active
-from .errors import LoraError, problems_error
-from .inject import active_adapter, check_adapter_name
-from .io import check_adapter_directory, load_adapter
-from .mixed import mixed_batch
+from ..core.adapters import adapters, delete_adapter, set_active
+from ..errors import LoraError, problems_error
+from ..core.inject import active_adapter, check_adapter_name
+from ..io.adapter_files import check_adapter_directory, load_adapter
+from ..core.mixed import mixed_batch
 
 SHOWN_NAMES = 20  # an error lists at most this many registered names
 

@@ -11,7 +11,7 @@ from typing import Iterator
 from torch import nn
 
 from .config import LoraConfig
-from .errors import LoraError
+from ..errors import LoraError
 from .inject import active_adapter
 from .layers import lora_layers
 from .modules_to_save import saved_modules

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import TASKS, padding_id
-from .errors import LoraError
-from .io import adapter_info, load_adapter
-from .merge import unload_
-from .zoo import load_task_model, load_tokenizer, model_directory
+from ..training.data import TASKS, padding_id
+from ..errors import LoraError
+from ..io.adapter_files import adapter_info, load_adapter
+from ..core.merge import unload_
+from ..zoo import load_task_model, load_tokenizer, model_directory
 
 DEFAULT_TASK = "causal-lm"
 

@@ -1,0 +1,1 @@
+"""What an update learned: the LoRA paper's section-7 measures, reports and figures."""

@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, PEFT's adapter format, saving and loading adapters."""

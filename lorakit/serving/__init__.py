@@ -1,0 +1,1 @@
+"""Using trained adapters: loading for inference, generation, merged exports, the adapter cache."""

@@ -1,0 +1,1 @@
+"""Training: the run loop, data, the loss, checkpoints, distributed helpers and the memory planner."""
