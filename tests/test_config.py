@@ -8,14 +8,14 @@ import pickle
 import pytest
 
 import lorakit as lk
-from lorakit.core.config import path_matches
+from lorakit.core.targets import path_matches
 
 # One bad value per field; each must be named (field and value) in the error.
 BAD_FIELDS = {
     "rank": [0, -3, 2.5, True, "8"],
     "alpha": [0, -1.0, float("nan"), float("inf"), False, "16"],
     "dropout": [-0.1, 1.0, 1.5, float("nan"), "0.1"],
-    "targets": [(), ("",), ("q_proj", 3), None, {"q_proj"}],
+    "targets": [(), ("",), ("q_proj", 3), {"q_proj"}],
     "exclude": [("",), (None,)],
     "bias": ["some", "", None],
     "init": ["xavier", None],
@@ -59,7 +59,7 @@ def test_all_problems_are_reported_together():
 def test_defaults_are_valid_and_documented_values():
     cfg = lk.LoraConfig()
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.bias, cfg.init, cfg.rslora) == (8, 16.0, 0.0, "none", "default", False)
-    assert cfg.targets == ("q_proj", "v_proj") and cfg.exclude == ()
+    assert cfg.targets is None and cfg.exclude == ()  # None: the architecture's default (test_inject)
 
 
 @pytest.mark.parametrize("good", [

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -240,3 +241,37 @@ def test_previously_trainable_base_parameters_are_frozen():
     assert total == sum(p.numel() for p in set(model.parameters()))
     # c_attn: Conv1D(3*16, 16) with rank 8 in each of 2 blocks: A (8, 16) and B (48, 8).
     assert trainable == 2 * (8 * 16 + 48 * 8)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)),
+     {"q_proj", "v_proj"}),
+    (lambda: transformers.BertModel(transformers.BertConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)),
+     {"query", "value"}),
+    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)),
+     {"c_attn"}),
+])
+def test_default_targets_follow_the_architecture(make, expected):
+    """targets=None adapts what PEFT adapts by default for the model type: Llama q/v, BERT query/value, GPT-2 c_attn."""
+    model = make()
+    paths = lk.inject_(model, lk.LoraConfig())
+    assert paths and {p.rsplit(".", 1)[-1] for p in paths} == expected
+
+
+def test_unknown_architecture_without_targets_lists_adaptable_names():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    with pytest.raises(lk.LoraError, match=r"targets=None: .*plain Sequential.*adaptable module names: 0, 2.0$") as info:
+        lk.inject_(model, lk.LoraConfig())
+    assert "ReLU" not in str(info.value)
+
+
+def test_a_target_that_matches_nothing_suggests_adaptable_leaf_names():
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    with pytest.raises(lk.LoraError) as info:
+        lk.inject_(model, lk.LoraConfig(targets=("q_proj", "v_proj")))
+    message = str(info.value)
+    assert "'q_proj' matches no module; module names include: dense, key, query, value" in message
+    assert "LayerNorm" not in message and ": 0, 1" not in message

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -10,16 +9,10 @@ from typing import Mapping
 
 from ..errors import problems_error
 from .lowrank import lora_scale
+from .targets import ALL_LINEAR, path_matches
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian")
-ALL_LINEAR = "all-linear"
-
-
-def path_matches(path: str, pattern: str) -> bool:
-    """A module path matches a pattern if equal, if it ends with '.' + pattern, or as a glob."""
-    return path == pattern or path.endswith("." + pattern) or fnmatch.fnmatchcase(path, pattern)
-
 
 
 def option(default, help: str, **kw):
@@ -31,6 +24,7 @@ def option(default, help: str, **kw):
 class LoraConfig:
     """A LoRA adapter's hyper-parameters: dW = (alpha / rank) * B @ A on every targeted module.
 
+    targets=None adapts the architecture's attention projections (core.targets.DEFAULT_TARGETS).
     rank_pattern / alpha_pattern map a target-style pattern to a per-module rank / alpha;
     the first matching pattern wins. modules_to_save (target-style patterns) names modules that
     are trained in full, one copy per adapter, and saved with it (e.g. a new classifier head).
@@ -39,7 +33,7 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] | str = ("q_proj", "v_proj")
+    targets: tuple[str, ...] | str | None = None
     exclude: tuple[str, ...] = ()
     bias: str = "none"
     init: str = "default"
@@ -49,7 +43,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # Normalise containers so the frozen config is hashable-ish and cannot be mutated.
+        # Normalise containers to tuples and read-only mappings, so a frozen config cannot be mutated.
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", (self.targets,))
         for name in ("exclude", "modules_to_save"):
@@ -75,18 +69,14 @@ class LoraConfig:
             p.append(f"alpha={self.alpha!r}: must be a positive number, e.g. alpha=16 (scale = alpha/rank)")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout!r}: must be a number in [0, 1), e.g. dropout=0.05")
-        if not isinstance(self.targets, tuple) or not self.targets or not all(
-            isinstance(t, str) and t for t in self.targets
-        ):
+        if self.targets is not None and not _names(self.targets, nonempty=True):
             p.append(
                 f"targets={self.targets!r}: must be a non-empty sequence of module names or globs, "
-                f"e.g. targets=('q_proj', 'v_proj') or targets='{ALL_LINEAR}'"
+                f"e.g. targets=('q_proj', 'v_proj') or targets='{ALL_LINEAR}', or None for the architecture's default"
             )
-        if not isinstance(self.exclude, tuple) or not all(isinstance(t, str) and t for t in self.exclude):
+        if not _names(self.exclude):
             p.append(f"exclude={self.exclude!r}: must be a sequence of module names or globs")
-        if not isinstance(self.modules_to_save, tuple) or not all(
-            isinstance(t, str) and t and t != ALL_LINEAR for t in self.modules_to_save
-        ):
+        if not _names(self.modules_to_save) or ALL_LINEAR in self.modules_to_save:
             p.append(f"modules_to_save={self.modules_to_save!r}: must be a sequence of module names or globs "
                      "(not 'all-linear'), e.g. modules_to_save=('classifier',)")
         if self.bias not in BIAS_MODES:
@@ -125,7 +115,7 @@ class LoraConfig:
             "rank": self.rank,
             "alpha": self.alpha,
             "dropout": self.dropout,
-            "targets": list(self.targets),
+            "targets": None if self.targets is None else list(self.targets),
             "exclude": list(self.exclude),
             "bias": self.bias,
             "init": self.init,
@@ -138,6 +128,11 @@ class LoraConfig:
 
 def _from_fields(fields: dict) -> LoraConfig:
     return LoraConfig(**fields)
+
+
+def _names(value, nonempty: bool = False) -> bool:
+    """A tuple of non-empty strings (non-empty itself if asked)."""
+    return isinstance(value, tuple) and (bool(value) or not nonempty) and all(isinstance(t, str) and t for t in value)
 
 
 def _is_int(v) -> bool:

@@ -6,10 +6,11 @@ import re
 
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig, path_matches
+from .config import LoraConfig
 from ..errors import LoraError, problems_error
 from .layers import LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, lora_layers, supported_type_names
 from .modules_to_save import CONTAINERS, ModuleToSave, saved_modules
+from .targets import ALL_LINEAR, default_targets, model_type, path_matches
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -74,7 +75,7 @@ def _resolve(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]
     whole = set(saved) | {p for p, m in modules if isinstance(m, ModuleToSave)}  # trained in full, never LoRA
     problems: list[str] = []
     chosen: dict[str, nn.Module] = {}
-    for target in config.targets:
+    for target in _targets(model, config, modules):
         if target == ALL_LINEAR:
             hits = [(p, m) for p, m in modules if is_linear(base_of(m)) and base_of(m) is not head
                     and p not in unwrappable and p not in whole]
@@ -93,10 +94,34 @@ def _resolve(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]
     if problems or saved_problems:
         raise problems_error("targets and modules_to_save" if saved_problems else "targets", problems + saved_problems)
     if not chosen:
-        raise LoraError(f"targets={list(config.targets)!r} with exclude={list(config.exclude)!r} leaves no module to adapt; "
+        raise LoraError(f"targets={list(_targets(model, config, modules))!r} with exclude={list(config.exclude)!r} leaves no module to adapt; "
                         "narrow `exclude`")
     order = {path: i for i, (path, _) in enumerate(modules)}
     return sorted(chosen, key=order.__getitem__), saved  # module order, whatever the target order
+
+
+def _targets(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]) -> tuple[str, ...]:
+    """config.targets, or the architecture's default where the config names none."""
+    if config.targets is not None:
+        return config.targets
+    found = default_targets(model)
+    if found is None:
+        kind = f"model type {model_type(model)!r}" if model_type(model) else f"a plain {type(model).__name__}"
+        raise LoraError(f"targets=None: lorakit knows no default targets for {kind}; name the modules to adapt, "
+                        f"e.g. targets=('{ALL_LINEAR}',); adaptable module names: {', '.join(adaptable_names(modules)[:12])}")
+    return found
+
+
+def adaptable_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    """The leaf names of the modules lorakit can adapt (`query`, `dense`, ...), most frequent first; the
+    whole path where the leaf is a mere index (`layers.0`)."""
+    counts: dict[str, int] = {}
+    for path, module in modules:
+        leaf = path.rsplit(".", 1)[-1]
+        if layer_class_for(base_of(module)) is not None:
+            name = path if leaf.isdigit() else leaf
+            counts[name] = counts.get(name, 0) + 1
+    return sorted(counts, key=lambda leaf: (-counts[leaf], leaf))
 
 
 def _resolve_saved(modules: list[tuple[str, nn.Module]], config: LoraConfig) -> tuple[list[str], list[str]]:
@@ -154,7 +179,11 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def _no_match(target: str, modules: list[tuple[str, nn.Module]], field: str = "targets") -> str:
-    names = sorted({p.rsplit(".", 1)[-1] for p, _ in modules} | {p for p, _ in modules})
+    """Suggest what `field` could name: adaptable leaf names for targets, any leaf name for modules to save."""
+    if field == "targets":
+        names = adaptable_names(modules)
+    else:
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in modules if not p.rsplit(".", 1)[-1].isdigit()})
     close = difflib.get_close_matches(target, names, n=5, cutoff=0.5)
     hint = f"closest module names: {', '.join(close)}" if close else f"module names include: {', '.join(names[:8])}"
     return f"{field}: {target!r} matches no module; {hint}"
