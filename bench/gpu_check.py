@@ -43,7 +43,7 @@ def adapted(model, targets="all-linear", rank=4, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            layer.lora_B["default"].copy_(torch.randn(layer.lora_B["default"].shape, generator=g) * 0.1)
+            layer.adapters["default"].B.copy_(torch.randn(layer.adapters["default"].B.shape, generator=g) * 0.1)
     return model
 
 
@@ -121,7 +121,7 @@ def mixed_batch_rows_equal_each_adapter_alone(root):
     lk.inject_(model, lk.LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj")), adapter="other")
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            layer.lora_B["other"].normal_(std=0.1)
+            layer.adapters["other"].B.normal_(std=0.1)
     model.to(CUDA)
     x = ids(model, batch=4).to(CUDA)
     names = ["default", "other", None, "default"]

@@ -83,7 +83,7 @@ def build_lorakit(base: torch.nn.Module, targets: str, k: int, settings: Setting
         lk.inject_(model, config, adapter=name)
         with torch.no_grad():
             for _, layer in lk.lora_layers(model):
-                layer.lora_B[name].normal_(std=0.02)
+                layer.adapters[name].B.normal_(std=0.02)
     return model.eval()
 
 

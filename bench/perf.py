@@ -345,7 +345,7 @@ def _drift_stats(weights: dict, originals: dict, cycles: int) -> dict:
 
 def _adapter_dtype(model, library: str) -> str:
     if library == "lorakit":
-        return str(next(layer.lora_A["default"].dtype for _, layer in lk.lora_layers(model)))
+        return str(next(layer.adapters["default"].A.dtype for _, layer in lk.lora_layers(model)))
     return str(next(p.dtype for n, p in model.named_parameters() if "lora_A" in n))
 
 

@@ -63,7 +63,7 @@ def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
     if random_b:
         with torch.no_grad():
             for _, layer in lk.lora_layers(model):
-                layer.lora_B["default"].normal_(std=0.02)
+                layer.adapters["default"].B.normal_(std=0.02)
     return model
 
 

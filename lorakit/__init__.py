@@ -1,13 +1,14 @@
 """lorakit: Low-Rank Adaptation for any PyTorch model, with lossless merge and PEFT-compatible files."""
-from .core.adapters import adapter_config, adapter_paths, adapters, delete_adapter, disabled, merged_adapter, set_active, use
+from .core.adapters import delete_adapter, disabled
+from .core.identity import active_adapter, adapter_config, adapter_paths, adapters, merged_adapter, set_active, use
 from .analysis.measures import (Update, adapter_updates, amplification, analyze, effective_rank, energy_rank, model_updates,
                        spectrum, subspace_similarity, weight_updates)
 from .serving.cache import AdapterCache
 from .core.config import LoraConfig
 from .errors import LoraError
-from .core.inject import active_adapter, inject_, resolve_modules_to_save, resolve_targets
+from .core.inject import inject_, resolve_modules_to_save, resolve_targets
 from .io.adapter_files import adapter_info, load_adapter, save_adapter
-from .core.layers import LoraLayer, lora_layers
+from .core.layers import LoraAdapter, LoraLayer, lora_layers
 from .core.lowrank import delta_weight, lora_scale
 from .core.merge import merge_, unload_, unmerge_
 from .core.mixed import mixed_batch
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCache",
     "BUNDLED",
+    "LoraAdapter",
     "LoraConfig",
     "LoraError",
     "LoraLayer",

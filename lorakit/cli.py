@@ -44,7 +44,7 @@ def existing_directory(text: str) -> str:
 
 def adapter_option(text: str) -> tuple[str | None, str]:
     """generate's --adapter: (None, DIR), one adapter for every prompt, or (NAME, DIR), one the prompts name."""
-    from .core.inject import ADAPTER_NAME
+    from .core.identity import ADAPTER_NAME
 
     name, equals, directory = text.partition("=")
     if not equals or not ADAPTER_NAME.fullmatch(name) or Path(text).is_dir():

@@ -98,7 +98,7 @@ def randomize_(layer: lk.LoraLayer, name: str, seed: int, dyadic: bool = False) 
     """Give an adapter a non-zero B (and, with dyadic, A and B in k/16: products sum exactly)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in (layer.lora_A[name], layer.lora_B[name]):
+        for p in (layer.adapters[name].A, layer.adapters[name].B):
             if dyadic:
                 p.copy_(torch.randint(-15, 16, p.shape, generator=g) / 16)
             else:
@@ -195,13 +195,13 @@ def toy_reference(base: Toy, idx, factors: dict) -> torch.Tensor:
 
 def factors_of(model: nn.Module, adapter: str, scale) -> dict:
     """path -> (A, B, scale(path)) of one adapter, for toy_reference."""
-    return {path: (layer.lora_A[adapter], layer.lora_B[adapter], scale(path))
-            for path, layer in lk.lora_layers(model) if adapter in layer.lora_A}
+    return {path: (layer.adapters[adapter].A, layer.adapters[adapter].B, scale(path))
+            for path, layer in lk.lora_layers(model) if layer.holds(adapter)}
 
 
 def randomize_model_(model: nn.Module, seed: int) -> None:
     for i, (_, layer) in enumerate(lk.lora_layers(model)):
-        for name in layer.lora_A:
+        for name in layer.adapters:
             randomize_(layer, name, seed + 1000 * i + zlib.crc32(name.encode()) % 997)
 
 

@@ -45,8 +45,8 @@ def test_adapters_have_their_own_targets_ranks_and_configs(model_and_base):
     assert lk.adapter_paths(model, "a") == ["embed", "q_proj", "v_proj"]
     assert lk.adapter_paths(model, "b") == ["k_proj", "v_proj", "conv", "lm_head"]
     assert lk.adapter_paths(model, "c") == ["q_proj", "k_proj", "v_proj", "o_proj"]  # all-linear: no head
-    assert model.v_proj.lora_A["a"].shape == (4, 8) and model.v_proj.lora_A["b"].shape == (2, 8)
-    assert model.v_proj.scaling["c"] == pytest.approx(3.0 / math.sqrt(1))
+    assert model.v_proj.adapters["a"].A.shape == (4, 8) and model.v_proj.adapters["b"].A.shape == (2, 8)
+    assert model.v_proj.adapters["c"].scale == pytest.approx(3.0 / math.sqrt(1))
     for name, config in CONFIGS.items():
         assert lk.adapter_config(model, name) == config
 
@@ -138,7 +138,7 @@ def test_delete_adapter(model_and_base):
     # conv and lm_head carried only "b": they are their own plain base layers again.
     assert model.conv is conv and model.lm_head is head
     assert type(model.conv) is nn.Conv1d and type(model.lm_head) is nn.Linear
-    assert "b" not in model.v_proj.lora_A and "b" not in model.v_proj.scaling
+    assert "b" not in model.v_proj.adapters and not model.v_proj.holds("b")
     assert torch.equal(model(IDX), out_a)
 
     lk.delete_adapter(model, "a")  # the active one: none is active afterwards

@@ -158,7 +158,7 @@ def adapted(seed=0, rank=3, alpha=6.0) -> nn.Module:
     lk.inject_(model, lk.LoraConfig(rank=rank, alpha=alpha, targets=("proj", "gpt", "embed")))
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            layer.lora_B["default"].normal_()
+            layer.adapters["default"].B.normal_()
     return model
 
 
@@ -167,7 +167,7 @@ def test_model_updates_match_the_reference_update_and_weight():
     updates = an.model_updates(model)
     assert set(updates) == {"layers.0.proj", "layers.0.gpt", "layers.1.proj", "layers.1.gpt", "embed"}
     for path, layer in lk.lora_layers(model):
-        A, B, s = layer.lora_A["default"].double(), layer.lora_B["default"].double(), layer.scaling["default"]
+        A, B, s = layer.adapters["default"].A.double(), layer.adapters["default"].B.double(), layer.adapters["default"].scale
         update = updates[path]
         torch.testing.assert_close(update.delta, reference.update(A, B, s))
         W = layer.base_layer.weight.double()
@@ -229,7 +229,7 @@ def saved_adapter(model_dir, folder, rank: int, seed: int):
     lk.inject_(model, lk.LoraConfig(rank=rank, alpha=2.0 * rank, targets=("q_proj", "v_proj")))
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            layer.lora_B["default"].normal_(std=0.1)
+            layer.adapters["default"].B.normal_(std=0.1)
     lk.save_adapter(model, folder)
     return folder
 

@@ -29,8 +29,8 @@ def folders(tmp_path_factory) -> dict:
         lk.inject_(model, config, adapter=name)
         with torch.no_grad():
             for _, layer in lk.lora_layers(model):
-                if name in layer.lora_B:
-                    layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.5)
+                if layer.holds(name):
+                    layer.adapters[name].B.copy_(torch.randn(layer.adapters[name].B.shape, generator=g) * 0.5)
         result[name] = lk.save_adapter(model, root / name, adapter=name)
     return result
 

@@ -187,7 +187,7 @@ def mlp_adapter(lm):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            layer.lora_B["mlp"].copy_(torch.randn(layer.lora_B["mlp"].shape, generator=g))
+            layer.adapters["mlp"].B.copy_(torch.randn(layer.adapters["mlp"].B.shape, generator=g))
     return lk.save_adapter(model, lm["out"].parent / "mlp", adapter="mlp")
 
 

@@ -190,7 +190,7 @@ def test_resolve_targets_changes_nothing():
 # --- what trains afterwards ----------------------------------------------------------------------
 
 def _adapter_params(model):
-    return {id(p) for _, layer in lk.lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()}
+    return {id(p) for _, layer in lk.lora_layers(model) for p in layer.adapters.parameters()}
 
 
 def _biases(modules):
@@ -228,7 +228,7 @@ def test_training_updates_only_adapters():
         model(torch.tensor([[1, 2, 3]])).logsumexp(-1).sum().backward()
         optimizer.step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert all(torch.count_nonzero(layer.lora_B["default"]) > 0 for _, layer in lk.lora_layers(model))
+    assert all(torch.count_nonzero(layer.adapters["default"].B) > 0 for _, layer in lk.lora_layers(model))
 
 
 def test_previously_trainable_base_parameters_are_frozen():

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
-from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.io import integrity
+from lorakit.io.peft import CONFIG_FILE, WEIGHTS_FILE
 
 
 class Net(nn.Module):
@@ -45,8 +46,8 @@ def trained(seed=0, config=CONFIG, adapter="default") -> Net:
     torch.manual_seed(123)
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            layer.lora_B[adapter].normal_()
-            layer.lora_A[adapter].normal_()
+            layer.adapters[adapter].B.normal_()
+            layer.adapters[adapter].A.normal_()
     return model
 
 
@@ -130,7 +131,7 @@ def test_save_is_atomic_and_failed_save_keeps_old_files(saved, monkeypatch):
 
     monkeypatch.setattr("lorakit.io.adapter_files.save_file", broken_save)
     with torch.no_grad():
-        next(iter(lk.lora_layers(model)))[1].lora_B["default"].add_(1.0)
+        next(iter(lk.lora_layers(model)))[1].adapters["default"].B.add_(1.0)
     with pytest.raises(OSError):
         lk.save_adapter(model, directory)
     assert sorted(os.listdir(directory)) == [CONFIG_FILE, WEIGHTS_FILE]
@@ -139,10 +140,14 @@ def test_save_is_atomic_and_failed_save_keeps_old_files(saved, monkeypatch):
 
 
 # --- strict, transactional loading: each failure leaves the model exactly as it was ----------------
-def rewrite_weights(directory: Path, change) -> None:
+def rewrite_weights(directory: Path, change, keep_checksum: bool = False) -> None:
+    """Edit the tensors as another program would: lorakit's checksum goes unless `keep_checksum`
+    (then it no longer matches, as after damage on disk)."""
     path = directory / WEIGHTS_FILE
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
+    if not keep_checksum:
+        del meta["lorakit_checksum"]
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path, metadata=meta)
@@ -286,7 +291,7 @@ def test_adapter_info_reads_config_counts_and_metadata(tmp_path):
     info = lk.adapter_info(directory)
     layers = dict(lk.lora_layers(model))
     assert info["modules"] == len(layers) == 3
-    assert info["parameters"] == sum(l.lora_A["default"].numel() + l.lora_B["default"].numel() for l in layers.values())
+    assert info["parameters"] == sum(l.adapters["default"].A.numel() + l.adapters["default"].B.numel() for l in layers.values())
     assert info["config"]["rank"] == 4 and info["config"]["alpha"] == 8 and info["config"]["rank_pattern"] == {"conv": 2}
     assert info["task"] == "classify" and info["label_names"] == ["no", "yes"] and info["format_version"] == lk.io.adapter_files.FORMAT_VERSION
     assert info["files"] == {n: (directory / n).stat().st_size for n in (CONFIG_FILE, WEIGHTS_FILE)}
@@ -306,15 +311,15 @@ def test_fingerprint_of_a_large_weight_samples_it_and_still_tells_bases_apart():
     """Past FINGERPRINT_ENTRIES entries the probe samples fixed positions: a re-seeded base differs,
     a scaled copy differs, a bfloat16 copy agrees."""
     def fingerprint(weight):
-        return lk.io.adapter_files.base_fingerprint(_holding(weight), ["proj"])
+        return integrity.base_fingerprint(dict(_holding(weight).named_modules()), ["proj"])
 
-    n = 4 * lk.io.adapter_files.FINGERPRINT_ENTRIES
+    n = 4 * integrity.FINGERPRINT_ENTRIES
     w = torch.randn(n // 64, 64, generator=torch.Generator().manual_seed(0))
     same = fingerprint(w)
-    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(w.clone())) == []
-    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(w.to(torch.bfloat16))) == []
-    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(torch.randn(w.shape))) == ["proj"]
-    assert lk.io.adapter_files._fingerprint_problems(same, fingerprint(w * 1.1)) == ["proj"]
+    assert integrity.fingerprint_problems(same, fingerprint(w.clone())) == []
+    assert integrity.fingerprint_problems(same, fingerprint(w.to(torch.bfloat16))) == []
+    assert integrity.fingerprint_problems(same, fingerprint(torch.randn(w.shape))) == ["proj"]
+    assert integrity.fingerprint_problems(same, fingerprint(w * 1.1)) == ["proj"]
 
 
 def _holding(weight: torch.Tensor) -> nn.Module:

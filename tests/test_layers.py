@@ -20,7 +20,7 @@ def _bias(layer):
 
 def _operands(layer, x):
     """x, W, b, A, B in float64 (indices stay integers), scale alpha / rank = 2 (see Case.config)."""
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    A, B = layer.adapters["default"].A, layer.adapters["default"].B
     return f64(x) if x.is_floating_point() else x, f64(layer.base_layer.weight), f64(_bias(layer)), f64(A), f64(B), 2.0
 
 
@@ -39,7 +39,7 @@ def test_wraps_with_the_right_layer_and_adapter_shapes(name):
     model, layer = case.inject()
     assert type(layer) is WRAPPER[case.kind] and isinstance(layer, lk.LoraLayer)
     assert [path for path, _ in lk.lora_layers(model)] == ["layer"]
-    W, A, B = layer.base_layer.weight, layer.lora_A["default"], layer.lora_B["default"]
+    W, A, B = layer.base_layer.weight, layer.adapters["default"].A, layer.adapters["default"].B
     # The reference's block-diagonal B @ A has as many entries as the weight.
     assert reference.update(A, B, 1.0, case.conv.get("groups", 1)).numel() == W.numel()
     assert A.shape[0] == case.rank and A.dtype == B.dtype == torch.float32
@@ -88,19 +88,19 @@ def test_gradients_flow_only_to_A_and_B_and_match_reference(name):
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     (out * weights).sum().backward()
 
-    A = layer.lora_A["default"].detach().clone().requires_grad_()
-    B = layer.lora_B["default"].detach().clone().requires_grad_()
+    A = layer.adapters["default"].A.detach().clone().requires_grad_()
+    B = layer.adapters["default"].B.detach().clone().requires_grad_()
     x_ref = x.detach().clone().requires_grad_() if x.is_floating_point() else x
     W, b = layer.base_layer.weight.detach(), _bias(layer)
     (case.reference(x_ref, W, None if b is None else b.detach(), A, B, 2.0) * weights).sum().backward()
 
-    torch.testing.assert_close(layer.lora_A["default"].grad, A.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer.lora_B["default"].grad, B.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.adapters["default"].A.grad, A.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.adapters["default"].B.grad, B.grad, rtol=1e-10, atol=1e-12)
     assert A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
     if x.is_floating_point():
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
     for p_name, p in model.named_parameters():
-        if p is not layer.lora_A["default"] and p is not layer.lora_B["default"]:
+        if p is not layer.adapters["default"].A and p is not layer.adapters["default"].B:
             assert not p.requires_grad and p.grad is None, p_name
 
 
@@ -109,7 +109,7 @@ def test_dropout_applies_to_the_adapter_input_only():
     model, layer = case.inject(dropout=0.5)
     randomize_(layer, "default", case.seed)
     x = case.input()
-    W, b, A, B = layer.base_layer.weight, _bias(layer), layer.lora_A["default"], layer.lora_B["default"]
+    W, b, A, B = layer.base_layer.weight, _bias(layer), layer.adapters["default"].A, layer.adapters["default"].B
     model.train()
     torch.manual_seed(123)
     out = model(x)
@@ -141,8 +141,8 @@ def test_conv_respects_padding_mode():
     randomize_(layer, "default", 0)
     x = torch.randn(2, 4, 5, 5)
     padded = F.pad(x.double(), (1, 1, 1, 1), mode="circular")
-    expected = reference.conv(padded, f64(base.weight), f64(base.bias), f64(layer.lora_A["default"]),
-                               f64(layer.lora_B["default"]), 2.0, groups=2)
+    expected = reference.conv(padded, f64(base.weight), f64(base.bias), f64(layer.adapters["default"].A),
+                               f64(layer.adapters["default"].B), 2.0, groups=2)
     torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -157,14 +157,14 @@ def test_layer_reads_through_to_the_base_layer():
 def test_gaussian_init():
     case = Case("linear", {"d_in": 400, "d_out": 3, "bias": True, "batch": (1,)}, 4, 0)
     _, layer = case.inject(init="gaussian")
-    A = layer.lora_A["default"]
-    assert abs(A.std().item() - 1 / 4) < 0.02 and torch.count_nonzero(layer.lora_B["default"]) == 0
+    A = layer.adapters["default"].A
+    assert abs(A.std().item() - 1 / 4) < 0.02 and torch.count_nonzero(layer.adapters["default"].B) == 0
 
 
 def test_default_init_is_kaiming_uniform_like_linear():
     case = Case("linear", {"d_in": 400, "d_out": 3, "bias": True, "batch": (1,)}, 4, 0)
     _, layer = case.inject()
-    A = layer.lora_A["default"]
+    A = layer.adapters["default"].A
     bound = 1 / 400 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in=400
     assert A.abs().max() <= bound and A.abs().max() > 0.9 * bound
 

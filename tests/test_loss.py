@@ -46,7 +46,7 @@ def make_batch(seed=1, batch=3, seq=20):
 def with_lora(model, targets=("c_attn",)):
     lk.inject_(model, lk.LoraConfig(rank=4, targets=targets))
     for layer_path, layer in lk.lora_layers(model):
-        torch.nn.init.normal_(layer.lora_B["default"], std=0.1)  # a non-trivial adapter
+        torch.nn.init.normal_(layer.adapters["default"].B, std=0.1)  # a non-trivial adapter
     return model.eval()  # no dropout: the two losses see the same model
 
 

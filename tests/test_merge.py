@@ -29,7 +29,7 @@ def _weights(layer):
 
 
 def _factors(layer):
-    return layer.lora_A["default"], layer.lora_B["default"]
+    return layer.adapters["default"].A, layer.adapters["default"].B
 
 
 @settings(max_examples=80, deadline=None)

@@ -13,7 +13,7 @@ from torch import nn
 
 import lorakit as lk
 from cases import same, snapshot
-from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.io.peft import CONFIG_FILE, WEIGHTS_FILE
 
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 19]])
 # Against the reference: F.linear's kernel (so its last bit) depends on whether the weight
@@ -157,7 +157,7 @@ def test_training_updates_only_the_active_copy_and_the_adapter(two_heads):
         assert not torch.equal(p, copy_a[name]), name
     for name, p in model.head.copies["b"].named_parameters():  # the other copy did not
         assert torch.equal(p, copy_b[name]), name
-    assert not torch.equal(model.proj.lora_B["a"], torch.zeros_like(model.proj.lora_B["a"]))
+    assert not torch.equal(model.proj.adapters["a"].B, torch.zeros_like(model.proj.adapters["a"].B))
 
 
 # --- switching, disabled, delete, merge, unload ------------------------------------------------------
@@ -193,7 +193,7 @@ def test_disabled_runs_the_original_and_restores(two_heads):
 
 def test_merge_leaves_copies_as_they_are(two_heads):
     model, base = two_heads
-    randomise_(model.proj.lora_B["b"], 3)  # a real low-rank update this time
+    randomise_(model.proj.adapters["b"].B, 3)  # a real low-rank update this time
     lk.set_active(model, "b")
     unmerged = out(model)
     weights = {n: p.detach().clone() for n, p in model.head.named_parameters()}
@@ -324,7 +324,7 @@ def trained(config=SAVE_BOTH, adapter="default") -> Tagger:
     with torch.no_grad():
         model.norm.copies[adapter].running_mean.add_(1.0)  # buffers are saved with the copy too
     for i, (_, layer) in enumerate(lk.lora_layers(model)):
-        randomise_(layer.lora_B[adapter], 20 + i)
+        randomise_(layer.adapters[adapter].B, 20 + i)
     return model
 
 

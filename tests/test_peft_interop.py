@@ -234,7 +234,7 @@ def test_lorakit_config_fields_read_back_by_peft(tmp_path):
     theirs_layers = dict(theirs_model.base_model.model.named_modules())
     for path, layer in lk.lora_layers(model):
         assert theirs_layers[path].r["default"] == layer.rank("default"), path
-        assert theirs_layers[path].scaling["default"] == pytest.approx(layer.scaling["default"]), path
+        assert theirs_layers[path].scaling["default"] == pytest.approx(layer.adapters["default"].scale), path
 
 
 @pytest.mark.parametrize("case", ["gpt2-c_attn", "llama-all-linear-patterns", "bert-qv-embedding"])

@@ -59,7 +59,7 @@ def randomize_adapters(model: nn.Module, std: float = 0.02) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            for B in layer.lora_B.values():
+            for B in (a.B for a in layer.adapters.values()):
                 B.copy_(torch.randn(B.shape, generator=generator) * std)
 
 

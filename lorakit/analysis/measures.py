@@ -56,10 +56,11 @@ def model_updates(model: nn.Module, adapter: str = "default") -> dict[str, Updat
     """The updates of adapter `adapter` in `model`, with each module's frozen weight."""
     updates = {}
     for path, layer in lora_layers(model):
-        if adapter not in layer.lora_A:
+        if not layer.holds(adapter):
             continue
-        A, B = layer.lora_A[adapter].double().cpu(), layer.lora_B[adapter].double().cpu()  # analysed on the CPU
-        delta = delta_weight(A, B, layer.scaling[adapter], layer.groups)
+        part = layer.adapters[adapter]
+        A, B = part.A.double().cpu(), part.B.double().cpu()  # analysed on the CPU
+        delta = delta_weight(A, B, part.scale, layer.groups)
         weight = layer.as_update_matrix(layer.original_weight).double().cpu()
         updates[path] = Update(path, delta, A.reshape(A.shape[0], -1), weight, A.shape[0], "lora")
     if not updates:

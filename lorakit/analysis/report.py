@@ -14,7 +14,8 @@ from .measures import (BASES, DIRECTIONS, Update, adapter_updates, analyze, by_g
                        weight_updates)
 from ..core.config import option
 from ..errors import LoraError, problems_error
-from ..io.adapter_files import CONFIG_FILE, adapter_info, load_adapter
+from ..io.adapter_files import adapter_info, load_adapter
+from ..io.peft import CONFIG_FILE
 from ..io.files import write_text_atomically
 from .figures import plot_similarity, plot_similarity_by_layer, plot_spectra
 

@@ -2,30 +2,15 @@
 from __future__ import annotations
 
 import difflib
-import re
 
 from torch import nn
 
-from .config import LoraConfig
 from ..errors import LoraError, problems_error
-from .layers import LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, lora_layers, supported_type_names
-from .modules_to_save import CONTAINERS, ModuleToSave, saved_modules
+from .config import LoraConfig
+from .identity import FOLLOWER_TYPES, adapters, check_adapter_name, followers, merged_adapter
+from .layers import LoraAdapter, LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, supported_type_names
+from .modules_to_save import CONTAINERS, ModuleToSave, trainable_copy
 from .targets import ALL_LINEAR, default_targets, model_type, path_matches
-
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
-
-
-def check_adapter_name(adapter) -> None:
-    if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter):
-        raise LoraError(
-            f"adapter={adapter!r}: an adapter name must be a non-empty string of letters, digits, '_' or '-', "
-            "e.g. adapter='default'"
-        )
-    if hasattr(nn.ParameterDict(), adapter) or hasattr(nn.ModuleDict(), adapter):
-        # Adapters are keys of ParameterDict/ModuleDict, which refuse their own attribute names.
-        raise LoraError(f"adapter={adapter!r} is the name of a torch module attribute; pick another name, "
-                        f"e.g. adapter='{adapter}_1'")
-
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module a target may name, with LoRA layers and modules to save standing in for the
@@ -58,17 +43,16 @@ def output_head(model: nn.Module) -> nn.Module | None:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules `config` adapts; every problem found (in modules_to_save too) is
     reported in one LoraError."""
-    return _resolve(model, config)[0]
+    return resolve(model, config, candidate_modules(model))[0]
 
 
 def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules `config` trains in full, one copy per adapter (problems as resolve_targets)."""
-    return _resolve(model, config)[1]
+    return resolve(model, config, candidate_modules(model))[1]
 
 
-def _resolve(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
-    """(LoRA target paths, module-to-save paths), both in module order."""
-    modules = candidate_modules(model)
+def resolve(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]) -> tuple[list[str], list[str]]:
+    """(LoRA target paths, module-to-save paths), both in module order; `modules` is candidate_modules(model)."""
     head = output_head(model)
     unwrappable = _read_by_weight(modules)
     saved, saved_problems = _resolve_saved(modules, config)
@@ -158,7 +142,7 @@ def _overlap_problems(modules: list[tuple[str, nn.Module]], adapted: list[str], 
     for path, module in modules:
         if isinstance(module, LoraLayer):
             problems += [f"modules_to_save: {s!r} overlaps {path!r}, which has LoRA adapter(s) "
-                         f"{list(module.lora_A)}; drop it from modules_to_save" for s in saved if nested(path, s)]
+                         f"{list(module.adapters)}; drop it from modules_to_save" for s in saved if nested(path, s)]
         if isinstance(module, ModuleToSave):
             problems += [f"targets: {a!r} overlaps {path!r}, a module to save of adapter(s) {list(module.copies)}; "
                          "add it to exclude" for a in adapted if nested(a, path)]
@@ -203,13 +187,6 @@ def _module_problems(path: str, module: nn.Module, config: LoraConfig) -> list[s
     return []
 
 
-def active_adapter(model: nn.Module) -> str | None:
-    """The adapter LoRA layers currently apply (None: none, or no adapters)."""
-    for _, layer in lora_layers(model):
-        return layer.active_adapter
-    return None
-
-
 def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> list[str]:
     """Add adapter `adapter` to every module `config` targets and freeze the base.
 
@@ -224,49 +201,67 @@ def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> l
         raise LoraError(f"config: expected lorakit.LoraConfig, got {type(config).__name__}; "
                         "build one with lk.LoraConfig(rank=8, alpha=16, targets=(...))")
     check_adapter_name(adapter)
-    existing = {name for _, layer in lora_layers(model) for name in layer.lora_A}
-    if adapter in existing:
+    if adapter in adapters(model):
         raise LoraError(f"adapter={adapter!r} already exists in this model; pick another name "
                         f"or remove it first with lk.delete_adapter(model, {adapter!r})")
-    if any(layer.merged_adapter for _, layer in lora_layers(model)):
-        raise LoraError("model is merged; call lk.unmerge_(model) before injecting another adapter")
-    paths, saved = _resolve(model, config)
-    active = active_adapter(model) if existing else adapter
-    modules = dict(candidate_modules(model))
-
-    _freeze_base(model)
-    for path in paths:
-        layer = modules[path]
-        if not isinstance(layer, LoraLayer):
-            layer = layer_class_for(layer)(layer)
-            layer.active_adapter = active
-            model.set_submodule(path, layer)
-        layer.add_adapter(adapter, path, config)
-    for path in saved:
-        wrapper = modules[path]
-        if not isinstance(wrapper, ModuleToSave):
-            wrapper = ModuleToSave(wrapper)
-            wrapper.active_adapter = active
-            model.set_submodule(path, wrapper)
-        wrapper.add_copy(adapter)
-    _unfreeze_biases(model, config, [model.get_submodule(p) for p in paths])
+    check_not_merged(model)
+    modules = candidate_modules(model)
+    paths, saved = resolve(model, config, modules)
+    attach_(model, adapter, new_parts(dict(modules), config, paths, saved), config.bias)
     return paths
 
 
+def check_not_merged(model: nn.Module) -> None:
+    if merged_adapter(model) is not None:
+        raise LoraError("model is merged; call lk.unmerge_(model) before adding or replacing an adapter")
+
+
+def new_parts(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str],
+              saved: list[str]) -> dict[str, nn.Module]:
+    """path -> a new adapter's part there, not yet attached: a fresh LoraAdapter on each LoRA target,
+    a trainable copy of each module to save."""
+    parts: dict[str, nn.Module] = {}
+    for path in paths:
+        base = base_of(modules[path])
+        parts[path] = layer_class_for(base).new_adapter(base, path, config)
+    parts.update({path: trainable_copy(base_of(modules[path])) for path in saved})
+    return parts
+
+
+def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str) -> None:
+    """Put adapter `adapter`'s parts into the model: wrap each path in a LoRA layer (LoraAdapter parts)
+    or a ModuleToSave (copies) unless it is one already, freeze all but adapter parts, and make the
+    biases `bias` names trainable. The model's active adapter stays (the first adapter becomes it)."""
+    present = followers(model)
+    active = present[0][1].active_adapter if present else adapter
+    adapted = []
+    for path, part in parts.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, FOLLOWER_TYPES):
+            module = layer_class_for(module)(module) if isinstance(part, LoraAdapter) else ModuleToSave(module)
+            module.active_adapter = active
+            model.set_submodule(path, module)
+        module.put(adapter, part)
+        if isinstance(part, LoraAdapter):
+            adapted.append(module)
+    _freeze_base(model)
+    _unfreeze_biases(model, bias, adapted)
+
+
 def _freeze_base(model: nn.Module) -> None:
-    """Freeze every parameter that is not a LoRA A or B or in an adapter's copy of a module to save."""
-    adapter_params = {id(p) for _, layer in lora_layers(model) for d in (layer.lora_A, layer.lora_B) for p in d.values()}
-    adapter_params |= {id(p) for _, wrapper in saved_modules(model) for p in wrapper.copies.parameters()}
+    """Freeze every parameter that is not in an adapter's part (a LoRA A or B, a copy of a module to save)."""
+    adapter_params = {id(p) for _, module in followers(model) for p in module.parts.parameters()}
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
 
 
-def _unfreeze_biases(model: nn.Module, config: LoraConfig, layers: list[LoraLayer]) -> None:
-    if config.bias == "none":
+def _unfreeze_biases(model: nn.Module, bias: str, layers: list[LoraLayer]) -> None:
+    if bias == "none":
         return
-    originals = {id(m) for _, wrapper in saved_modules(model) for m in wrapper.original_module.modules()}
-    owners = model.modules() if config.bias == "all" else (layer.base_layer for layer in layers)
+    originals = {id(m) for _, wrapper in followers(model) if isinstance(wrapper, ModuleToSave)
+                 for m in wrapper.original_module.modules()}
+    owners = model.modules() if bias == "all" else (layer.base_layer for layer in layers)
     for module in owners:
         if id(module) in originals:
             continue  # a module to save trains through its copies; the original stays frozen

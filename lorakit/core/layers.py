@@ -3,9 +3,10 @@
     y = base(x) + scale * B(A(dropout(x)))        (unmerged; W0 + dW is never formed)
     y = base(x) with W0 <- W0 + dW                (merged; the base path only)
 
-Each adapter's A and B are separate parameters in `lora_A[name]` / `lora_B[name]`, so adapters
-of different ranks coexist, train independently, and can be stacked per example for
-mixed-adapter batches. Which layer types can be adapted is decided by the table `LAYER_TYPES`.
+Each adapter on a layer is one `LoraAdapter` module (its A, B, dropout, scale and config) held in
+the layer's `adapters` ModuleDict, so adapters of different ranks coexist, train independently,
+and can be stacked per example for mixed-adapter batches; a variant adds a field or a subclass.
+Which layer types can be adapted is decided by the table `LAYER_TYPES`.
 """
 from __future__ import annotations
 
@@ -23,18 +24,42 @@ from .lowrank import delta_weight, lowrank_embedding_routed, lowrank_linear, low
 _CREATION = itertools.count()  # a process-wide clock: adapters are listed in the order they were added
 
 
+class LoraAdapter(nn.Module):
+    """One adapter on one layer: update(x) = scale * B(A(dropout(x))), dW = scale * B @ A.
+
+    A: (r, fan_in, *kernel) float32, random; B: (d_out, r / groups, *ones) float32, zero at creation.
+    `config` is the whole adapter's LoraConfig; `scale` is the one it gives this module's path.
+    """
+
+    def __init__(self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], scale: float, dropout: float,
+                 config: LoraConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(shape_a, device=device, dtype=torch.float32))
+        self.B = nn.Parameter(torch.zeros(shape_b, device=device, dtype=torch.float32))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = scale
+        self.config = config
+        self.created = next(_CREATION)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def dropout_p(self) -> float:
+        return getattr(self.dropout, "p", 0.0)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}"
+
+
 class LoraLayer(nn.Module):
-    """Base class: adapter bookkeeping, forward, merge and unmerge. Subclasses give the geometry."""
+    """Base class: the adapters, forward, merge and unmerge. Subclasses give the geometry."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.configs: dict[str, LoraConfig] = {}
-        self.created: dict[str, int] = {}  # adapter -> tick of _CREATION when it was added
+        self.adapters = nn.ModuleDict()  # name -> LoraAdapter
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
@@ -51,11 +76,11 @@ class LoraLayer(nn.Module):
     @classmethod
     def adapter_shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of A and B for an adapter of this rank on `base`."""
-        raise NotImplementedError(f"{cls.__name__} must define adapter_shapes")
+        raise TypeError(f"{cls.__name__} must define adapter_shapes")
 
     def lowrank(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """scale * B(A(x)) for this layer type, without forming B @ A."""
-        raise NotImplementedError(f"{type(self).__name__} must define lowrank")
+        raise TypeError(f"{type(self).__name__} must define lowrank")
 
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """(d_out, fan_in*k) float32 update -> the base weight's own layout."""
@@ -68,67 +93,70 @@ class LoraLayer(nn.Module):
         return weight.reshape(weight.shape[0], -1)
 
     # --- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str, config: LoraConfig) -> None:
-        """Create adapter `name` with the rank/alpha/dropout/init `config` gives for `path`."""
+    @classmethod
+    def new_adapter(cls, base: nn.Module, path: str, config: LoraConfig) -> LoraAdapter:
+        """A fresh adapter for the module at `path` (a no-op: B = 0), with the rank, scale, dropout and
+        init `config` gives that path; not yet attached to any layer."""
         rank = config.rank_for(path)
-        shape_a, shape_b = self.adapter_shapes(self.base_layer, rank)
-        device = self.base_layer.weight.device
-        A = torch.empty(shape_a, device=device, dtype=torch.float32)
-        B = torch.zeros(shape_b, device=device, dtype=torch.float32)
-        self.init_A(A, config.init, rank)
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(B)
-        use_dropout = config.dropout > 0 and self.takes_dropout
-        dropout = nn.Dropout(config.dropout) if use_dropout else nn.Identity()
-        self.lora_dropout[name] = dropout.train(self.base_layer.training)  # eval model stays eval
-        self.scaling[name] = config.scale_for(path)
-        self.configs[name] = config
-        self.created[name] = next(_CREATION)
+        shape_a, shape_b = cls.adapter_shapes(base, rank)
+        dropout = config.dropout if cls.takes_dropout else 0.0
+        adapter = LoraAdapter(shape_a, shape_b, config.scale_for(path), dropout, config, base.weight.device)
+        with torch.no_grad():
+            cls.init_A(adapter.A, config.init, rank)
+        return adapter.train(base.training)  # an eval model stays eval
 
-    def init_A(self, A: torch.Tensor, init: str, rank: int) -> None:
+    @staticmethod
+    def init_A(A: torch.Tensor, init: str, rank: int) -> None:
         """Random A (B is zero, so a fresh adapter is a no-op)."""
         if init == "gaussian":
             nn.init.normal_(A, std=1.0 / rank)
         else:  # "default": what nn.Linear does for its own weight
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
 
-    # --- the follower protocol (shared with ModuleToSave; see adapters.followers) ----------------
+    # --- the follower protocol (adapters.Follower; shared with ModuleToSave) ---------------------
     def holds(self, name: str) -> bool:
-        return name in self.lora_A
+        return name in self.adapters
 
-    def drop(self, name: str) -> None:
-        """Remove adapter `name` (its A, B, dropout, scale and config)."""
-        for store in (self.lora_A, self.lora_B, self.lora_dropout):
-            del store[name]
-        del self.scaling[name], self.configs[name], self.created[name]
+    def put(self, name: str, adapter: LoraAdapter) -> None:
+        """Attach `adapter` as `name` (replacing any adapter of that name)."""
+        self.adapters[name] = adapter
+
+    def drop(self, name: str) -> LoraAdapter:
+        """Remove adapter `name` (its A, B, dropout, scale and config) and return it."""
+        return self.adapters.pop(name)
 
     @property
     def empty(self) -> bool:
-        return not self.lora_A
+        return not self.adapters
 
     @property
     def wrapped(self) -> nn.Module:
         return self.base_layer
 
+    @property
+    def parts(self) -> nn.ModuleDict:
+        """Each adapter's own part here: its LoraAdapter."""
+        return self.adapters
+
     def rank(self, name: str) -> int:
-        return self.lora_A[name].shape[0]
+        return self.adapters[name].rank
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """dW of adapter `name` in float32 (float64 for float64 factors), in the base weight's layout."""
-        delta = delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], self.groups)
-        return self.to_weight_layout(delta)
+        adapter = self.adapters[name]
+        return self.to_weight_layout(delta_weight(adapter.A, adapter.B, adapter.scale, self.groups))
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        name = self.active_adapter
         if self.disabled or self.merged_adapter is not None:
             return result
         if self.routing is not None:
             return self.routing.apply(self, x, result)
-        if name not in self.lora_A:
+        if self.active_adapter not in self.adapters:
             return result
-        update = self.lowrank(self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name], self.scaling[name])
+        adapter = self.adapters[self.active_adapter]
+        update = self.lowrank(adapter.dropout(x), adapter.A, adapter.B, adapter.scale)
         return result + update.to(result.dtype)
 
     # --- merge ---------------------------------------------------------------------------------
@@ -153,7 +181,7 @@ class LoraLayer(nn.Module):
         if self.merged_adapter is not None:
             self.base_backup = None
             self.merged_adapter = None
-        elif name is not None and name in self.lora_A:
+        elif name is not None and name in self.adapters:
             self.base_layer.weight.copy_(self.merged_weight(name))
         return self.base_layer
 
@@ -178,8 +206,7 @@ class LoraLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.rank(n)}" for n in self.lora_A)
-        return f"adapters=({ranks}), active={self.active_adapter!r}, merged={self.merged_adapter!r}"
+        return f"active={self.active_adapter!r}, merged={self.merged_adapter!r}"
 
 
 class LoraLinear(LoraLayer):
@@ -226,7 +253,8 @@ class LoraEmbedding(LoraLayer):
     def adapter_shapes(cls, base, rank):
         return (rank, base.num_embeddings), (base.embedding_dim, rank)
 
-    def init_A(self, A, init, rank):
+    @staticmethod
+    def init_A(A, init, rank):
         # A is a lookup table here, not a projection: unit-variance rows (gaussian: 1/r).
         nn.init.normal_(A, std=1.0 / rank if init == "gaussian" else 1.0)
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import adapters, merged_adapter, set_active
 from ..errors import LoraError
-from .inject import active_adapter
+from .identity import active_adapter, adapters, merged_adapter, set_active, unknown_adapter
 from .layers import lora_layers
 from .modules_to_save import saved_modules
 
@@ -21,7 +20,7 @@ def merge_(model: nn.Module, adapter: str | None = None) -> None:
     if adapter is None:
         raise LoraError("adapter=None: no adapter is active; name one: lk.merge_(model, 'default')")
     if adapter not in adapters(model):
-        raise LoraError(f"adapter={adapter!r} is not in this model; its adapters are {adapters(model)!r}")
+        raise unknown_adapter(model, adapter)
     current = merged_adapter(model)
     if current == adapter:
         return
@@ -29,7 +28,7 @@ def merge_(model: nn.Module, adapter: str | None = None) -> None:
         raise LoraError(f"adapter={adapter!r}: {current!r} is already merged; call lk.unmerge_(model) first")
     set_active(model, adapter)
     for _, layer in lora_layers(model):
-        if adapter in layer.lora_A:
+        if layer.holds(adapter):
             layer.merge(adapter)
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import adapters, followers, merged_adapter, temporarily
 from ..errors import LoraError
+from .identity import adapters, followers, merged_adapter, temporarily
 from .layers import LoraLayer, lora_layers
 from .modules_to_save import ModuleToSave
 
@@ -38,25 +38,25 @@ class Routing:
 
     def tables(self, layer: LoraLayer, device: torch.device):
         """(A (K, r, ...), B (K, d_out, r), index (N,), scale (N,), dropout p (N,)) or None."""
-        present = [n for n in self.present if n in layer.lora_A]
-        if not present:
+        parts = [layer.adapters[n] for n in self.present if layer.holds(n)]
+        if not parts:
             return None
-        params = [layer.lora_A[n] for n in present] + [layer.lora_B[n] for n in present]
+        params = [a.A for a in parts] + [a.B for a in parts]
         # Reused without grad while no weight changed in place (inference tensors keep no versions).
         cacheable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
         versions = tuple(p._version for p in params) if cacheable else None
         cached = self._cache.get(id(layer))
         if cacheable and cached is not None and cached[0] == versions:
             return cached[1]
-        r_max = max(layer.rank(n) for n in present)
-        pad = {n: r_max - layer.rank(n) for n in present}  # padding only where needed: F.pad copies
-        A = torch.stack([F.pad(layer.lora_A[n], (0, 0, 0, pad[n])) if pad[n] else layer.lora_A[n] for n in present])
-        B = torch.stack([F.pad(layer.lora_B[n], (0, pad[n])) if pad[n] else layer.lora_B[n] for n in present])
-        slot = {n: i for i, n in enumerate(present)}
+        r_max = max(a.rank for a in parts)
+        pad = [r_max - a.rank for a in parts]  # padding only where needed: F.pad copies
+        A = torch.stack([F.pad(a.A, (0, 0, 0, k)) if k else a.A for a, k in zip(parts, pad)])
+        B = torch.stack([F.pad(a.B, (0, k)) if k else a.B for a, k in zip(parts, pad)])
+        slot = {n: i for i, n in enumerate(n for n in self.present if layer.holds(n))}
         index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
-        scale = torch.tensor([layer.scaling[n] if n in slot else 0.0 for n in self.names], dtype=A.dtype,
+        scale = torch.tensor([parts[slot[n]].scale if n in slot else 0.0 for n in self.names], dtype=A.dtype,
                              device=device)  # the adapter's dtype: float64 adapters keep a float64 scale
-        p = [getattr(layer.lora_dropout[n], "p", 0.0) if n in slot else 0.0 for n in self.names]
+        p = [parts[slot[n]].dropout_p if n in slot else 0.0 for n in self.names]
         tables = (A, B, index, scale, torch.tensor(p, device=device))
         if cacheable:
             self._cache[id(layer)] = (versions, tables)
@@ -113,7 +113,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
         raise LoraError(f"mixed_batch: adapter {merged_adapter(model)!r} is merged into the weights; "
                         "call lk.unmerge_(model) first")
     unsupported = [(p, layer) for p, layer in lora_layers(model)
-                   if layer.lowrank_routed is None and any(n in layer.lora_A for n in names)]
+                   if layer.lowrank_routed is None and any(layer.holds(n) for n in names if n is not None)]
     if unsupported:
         path, layer = unsupported[0]
         raise LoraError(f"mixed_batch: {path!r} is a {type(layer.base_layer).__name__}; mixed batches support "

@@ -18,7 +18,7 @@ from torch import nn
 # Modules without a forward of their own: there is nothing to call in their place.
 CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _OWN_ATTRIBUTES = frozenset({"original_module", "copies", "active_adapter", "disabled", "in_use", "routing", "empty",
-                             "wrapped"})
+                             "wrapped", "parts"})
 
 
 class ModuleToSave(nn.Module):
@@ -33,18 +33,18 @@ class ModuleToSave(nn.Module):
         self.routing = None  # a mixed.Routing while inside lk.mixed_batch: one adapter per example
         self.train(original_module.training)
 
-    def add_copy(self, adapter: str) -> None:
-        """Give `adapter` its own trainable copy of the original, which stays frozen."""
-        self.original_module.requires_grad_(False)
-        self.copies[adapter] = copy.deepcopy(self.original_module).requires_grad_(True)
-
-    # --- the follower protocol (shared with LoraLayer; see adapters.followers) -------------------
+    # --- the follower protocol (identity.Follower; shared with LoraLayer) ------------------------
     def holds(self, name: str) -> bool:
         return name in self.copies
 
-    def drop(self, name: str) -> None:
-        """Remove adapter `name`'s copy."""
-        del self.copies[name]
+    def put(self, name: str, copy_: nn.Module) -> None:
+        """Attach `copy_` as adapter `name`'s copy; the original stays frozen."""
+        self.original_module.requires_grad_(False)
+        self.copies[name] = copy_
+
+    def drop(self, name: str) -> nn.Module:
+        """Remove adapter `name`'s copy and return it."""
+        return self.copies.pop(name)
 
     @property
     def empty(self) -> bool:
@@ -53,6 +53,11 @@ class ModuleToSave(nn.Module):
     @property
     def wrapped(self) -> nn.Module:
         return self.original_module
+
+    @property
+    def parts(self) -> nn.ModuleDict:
+        """Each adapter's own part here: its copy."""
+        return self.copies
 
     @property
     def in_use(self) -> nn.Module:
@@ -81,6 +86,11 @@ class ModuleToSave(nn.Module):
 
     def extra_repr(self) -> str:
         return f"copies={list(self.copies)}, active={self.active_adapter!r}, disabled={self.disabled}"
+
+
+def trainable_copy(original: nn.Module) -> nn.Module:
+    """A new adapter's own copy of a module to save: a deep copy, trainable (not yet attached)."""
+    return copy.deepcopy(original).requires_grad_(True)
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:

@@ -1,16 +1,19 @@
-"""Adapter files in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+"""Saving and loading adapters: a folder in PEFT's layout (adapter_config.json + adapter_model.safetensors).
 
-lorakit's extras (format version, a fingerprint of the base weights) live in the safetensors
-metadata, so PEFT reads our files and we read PEFT's. Loading is strict and transactional;
-writes are atomic (temp file + rename). Only JSON and safetensors are read: no pickle.
+lorakit's extras live in the safetensors metadata, so PEFT reads our files and we read PEFT's:
+the format version, the adapter's name and LoraConfig as the user wrote it (read back on load),
+a checksum of the tensor bytes and a fingerprint of the base weights. A load is planned in full
+(every file, field, key, shape and the base checked, the new adapter built off the model) before
+the model is touched, then applied in one step that is undone on any error. Writes are atomic;
+only JSON and safetensors are read: no pickle.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -18,37 +21,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.adapters import adapter_config, adapter_paths, adapters
+from ..core.adapters import unwrap_empty_
 from ..core.config import LoraConfig
+from ..core.identity import active_adapter, adapter_config, check_adapter_name, followers
+from ..core.inject import attach_, base_of, candidate_modules, check_not_merged, new_parts, resolve
+from ..core.layers import LoraAdapter, LoraEmbedding, LoraLayer, layer_class_for
+from ..core.modules_to_save import ModuleToSave
 from ..errors import LoraError, problems_error
+from . import peft
 from .files import write_atomically
-from ..core.inject import active_adapter, base_of, candidate_modules, check_adapter_name, inject_, is_linear, output_head
-from ..core.layers import LoraConv1D, LoraEmbedding, LoraLayer, layer_class_for, lora_layers
-from ..core.modules_to_save import saved_modules, saved_paths
+from .integrity import base_fingerprint, fingerprint_problems, is_fingerprint, tensor_checksum
+from .peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = "2"  # 2: the base fingerprint samples FINGERPRINT_ENTRIES entries (1: every entry)
-FINGERPRINT_ENTRIES = 4096
-PREFIX = "base_model.model."
-SEQ_CLS_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for task_type SEQ_CLS
-
-# PEFT config fields lorakit reads; others must hold a value that switches their feature off.
-READ_FIELDS = {
-    "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out",
-    "bias", "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights", "base_model_name_or_path",
-    "task_type", "inference_mode", "revision", "peft_version", "auto_mapping", "modules_to_save",
-    "megatron_core", "qalora_group_size", "runtime_config",  # inert unless their feature is on
-}
-OFF_VALUES = {
-    "layers_to_transform": (None, []), "layers_pattern": (None, []),
-    "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({}, None),
-    "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,), "use_dora": (False,),
-    "velora_config": (None,), "alora_invocation_tokens": (None,), "use_qalora": (False,),
-    "monteclora_config": (None,), "layer_replication": (None,), "lora_bias": (False,),
-    "target_parameters": (None, []), "use_bdlora": (None, False), "arrow_config": (None,),
-    "kasa_config": (None,), "ensure_weight_tying": (False,),
-}
+FORMAT_VERSION = "3"  # 3: tensor checksum, config read back; 2: sampled base fingerprint; 1: full fingerprint
+FINGERPRINT_VERSIONS = ("2", "3")  # versions whose fingerprints compare with this one's
+DEFAULT_ADAPTER = "default"
+# lorakit's own metadata keys: save_adapter writes them and refuses them in `metadata`.
+META_VERSION, META_ADAPTER, META_CONFIG = "lorakit_format_version", "lorakit_adapter", "lorakit_config"
+META_FINGERPRINT, META_CHECKSUM = "lorakit_base_fingerprint", "lorakit_checksum"
+RESERVED_KEYS = (META_VERSION, META_ADAPTER, META_CONFIG, META_FINGERPRINT, META_CHECKSUM)
 
 
 # --- saving ---------------------------------------------------------------------------------------
@@ -56,210 +47,171 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | 
                  metadata: dict[str, str] | None = None) -> Path:
     """Write adapter `adapter` (default: the active one) to `directory` in PEFT's layout.
 
-    `metadata` adds string entries to the safetensors header (keys must start with 'lorakit_').
+    `metadata` adds string entries to the safetensors header: keys start with 'lorakit_' and are
+    not lorakit's own (RESERVED_KEYS). load_adapter reads back the name and the config.
     """
+    extra = _checked_metadata(metadata)
+    adapter = active_adapter(model) if adapter is None else adapter
+    config = adapter_config(model, adapter)  # raises for an unknown adapter
+    modules = candidate_modules(model)
+    tensors, task, written = adapter_tensors(model, modules, adapter)
+    layers = {p: m for p, m in modules if isinstance(m, LoraLayer) and m.holds(adapter)}
+    fingerprint = base_fingerprint(dict(modules), list(layers))
+    header = {**adapter_metadata(adapter, config, fingerprint, tensor_checksum(tensors)), **extra}
+    peft_config = peft.peft_config(model, modules, config, list(layers), layers, task, list(written))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(cpu, tmp, metadata=header))
+    text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    write_atomically(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def _checked_metadata(metadata) -> dict[str, str]:
     extra = dict(metadata or {})
     bad = [k for k, v in extra.items() if not (isinstance(k, str) and k.startswith("lorakit_") and isinstance(v, str))]
     if bad:
         raise LoraError(f"metadata: keys {bad!r} must be strings starting with 'lorakit_', with string values")
-    adapter = active_adapter(model) if adapter is None else adapter
-    config = adapter_config(model, adapter)  # raises for an unknown adapter
-    paths = adapter_paths(model, adapter)
-    layers = dict(lora_layers(model))
-    tensors = {}
-    for path in paths:
-        key_a, key_b = _peft_keys(layers[path], path)
-        tensors[key_a] = layers[path].lora_A[adapter].detach().cpu().contiguous()
-        tensors[key_b] = layers[path].lora_B[adapter].detach().cpu().contiguous()
-    task, written = _peft_modules_to_save(model, adapter, paths)
-    for path, module in written.items():  # PEFT's key for a copy's tensor: <path>.<name in the module>
-        tensors.update({f"{PREFIX}{path}.{k}": t.detach().cpu().contiguous() for k, t in module.state_dict().items()})
-    biases = _bias_params(model, config.bias, paths, list(written))
-    tensors.update({k: p.detach().cpu().contiguous() for k, p in biases.items()})
-    metadata = {
-        "format": "pt",
-        "lorakit_format_version": FORMAT_VERSION,
-        "lorakit_adapter": adapter,
-        "lorakit_config": json.dumps(config.to_dict()),
-        "lorakit_base_fingerprint": json.dumps(base_fingerprint(model, paths)),
-        **{k: v for k, v in extra.items() if k not in ("lorakit_format_version", "lorakit_base_fingerprint")},
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    text = json.dumps(_peft_config(model, config, paths, layers, task, list(written)), indent=2, sort_keys=True)
-    write_atomically(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
-    return directory
+    own = [k for k in extra if k in RESERVED_KEYS]
+    if own:
+        raise LoraError(f"metadata: {own!r} are lorakit's own keys, written by save_adapter itself; "
+                        "use another 'lorakit_' name")
+    return extra
 
 
-def _peft_config(model, config: LoraConfig, paths: list[str], layers: dict, task: str | None, saved: list[str]) -> dict:
-    modules = candidate_modules(model)
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    by_leaf = [p for p, _ in modules if any(p == leaf or p.endswith("." + leaf) for leaf in leaves)]
-    targets = leaves if sorted(by_leaf) == sorted(paths) else sorted(paths)
-    rank_pattern = {re.escape(p): config.rank_for(p) for p in paths if config.rank_for(p) != config.rank}
-    alpha_pattern = {re.escape(p): config.alpha_for(p) for p in paths if config.alpha_for(p) != config.alpha}
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return {
-        "peft_type": "LORA",
-        "task_type": task,
-        "base_model_name_or_path": name or None,
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "target_modules": targets,
-        "exclude_modules": None,
-        "lora_dropout": config.dropout,
-        "fan_in_fan_out": any(isinstance(layers[p], LoraConv1D) for p in paths),
-        "bias": config.bias,
-        "use_rslora": config.rslora,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "init_lora_weights": True if config.init == "default" else "gaussian",
-        "inference_mode": True,
-        "modules_to_save": saved or None,
-        "use_dora": False,
-        "lora_bias": False,
-    }
+def adapter_tensors(model: nn.Module, modules: peft.Modules,
+                    adapter: str) -> tuple[dict[str, torch.Tensor], str | None, dict[str, nn.Module]]:
+    """(PEFT key -> live tensor of adapter `adapter`, PEFT task_type, path -> module written in full).
 
-
-def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS")):
-        if name.endswith(suffix):
-            return task
-    return None
-
-
-def _peft_modules_to_save(model: nn.Module, adapter: str, paths: list[str]) -> tuple[str | None, dict[str, nn.Module]]:
-    """(task_type, path -> module written in full) such that PEFT wraps exactly those modules.
-
-    Under task_type SEQ_CLS PEFT always trains and loads the classifier head (SEQ_CLS_HEADS): one
-    without a copy for this adapter is written as it is (PEFT's copy of it changes nothing). Where
-    that would take a LoRA-adapted module from PEFT, the task type is left out instead.
+    The tensors are the model's own (not copied): A and B of every layer holding the adapter, each
+    module written in full, and the biases its bias mode trains.
     """
-    written = {p: w.copies[adapter] for p, w in saved_modules(model) if adapter in w.copies}
-    modules = candidate_modules(model)
-    task = _task_type(model)
-    if task == "SEQ_CLS":
-        heads = {p: base_of(m) for p, m in modules if _peft_saves(p, SEQ_CLS_HEADS) and p not in written}
-        if any(p in heads or _peft_excludes(p, SEQ_CLS_HEADS) for p in paths):
-            task = None
-        else:
-            written.update(heads)
-    names = list(written) + list(SEQ_CLS_HEADS if task == "SEQ_CLS" else ())
-    extra = sorted({p for p, _ in modules if _peft_saves(p, names)} - set(written))
-    excluded = [p for p in paths if _peft_excludes(p, list(written))]
-    if extra or excluded:
-        raise LoraError(f"modules_to_save: PEFT picks modules to save by plain name suffix, so {list(written)!r} "
-                        f"would also pick {extra or excluded!r}; adapter={adapter!r} cannot be written in PEFT's "
-                        "layout: rename those modules or drop them from targets/modules_to_save")
-    order = {p: i for i, (p, _) in enumerate(modules)}
-    return task, dict(sorted(written.items(), key=lambda item: order[item[0]]))
+    tensors, paths, copies = {}, [], {}
+    for path, module in modules:
+        if isinstance(module, LoraLayer) and module.holds(adapter):
+            key_a, key_b = peft.factor_keys(type(module), path)
+            tensors[key_a], tensors[key_b] = module.adapters[adapter].A, module.adapters[adapter].B
+            paths.append(path)
+        elif isinstance(module, ModuleToSave) and module.holds(adapter):
+            copies[path] = module.copies[adapter]
+    task, written = peft.modules_written_in_full(model, modules, adapter, paths, copies)
+    for path, module in written.items():
+        state = module.state_dict()
+        tensors.update({key: state[name] for key, name in peft.copy_keys(path, state).items()})
+    tensors.update(peft.bias_params(modules, adapter_config(model, adapter).bias, paths, list(written)))
+    return tensors, task, written
 
 
-def _peft_saves(path: str, names) -> bool:
-    """PEFT's rule for modules_to_save: a module path that ends with a name (no '.' boundary)."""
-    return any(path.endswith(name) for name in names)
-
-
-def _peft_excludes(path: str, names) -> bool:
-    """PEFT's rule keeping LoRA off modules to save and everything inside them (names are regexes)."""
-    return any(re.match(rf"(^|.*\.){name}($|\..*)", path) for name in names)
-
-
-def _peft_keys(layer_or_cls, path: str) -> tuple[str, str]:
-    cls = layer_or_cls if isinstance(layer_or_cls, type) else type(layer_or_cls)
-    if issubclass(cls, LoraEmbedding):
-        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
-    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
-
-
-def _bias_params(model: nn.Module, bias: str, paths: list[str], saved=()) -> dict[str, nn.Parameter]:
-    """PEFT key -> bias parameter saved with the adapter for this bias mode.
-
-    Keys do not depend on whether the model is injected yet: an adapted module's bias is
-    PEFT's `<path>.base_layer.bias`, any other module's `<path>.bias`. Modules saved in full
-    (`saved`, and what lies inside them) are skipped: their biases are in the saved copy.
-    """
-    if bias == "none":
-        return {}
-    adapted = set(paths)
-    found = {}
-    for path, module in candidate_modules(model):
-        if (bias == "lora_only" and path not in adapted) or any(path == s or path.startswith(s + ".") for s in saved):
-            continue
-        param = dict(base_of(module).named_parameters(recurse=False)).get("bias")
-        if param is not None:
-            found[f"{PREFIX}{path}.base_layer.bias" if path in adapted else f"{PREFIX}{path}.bias"] = param
-    return found
-
-
-# --- base fingerprint ---------------------------------------------------------------------------------
-def base_fingerprint(model: nn.Module, paths: list[str]) -> dict[str, list[float]]:
-    """Per adapted module: mean, RMS and a fixed random projection of the original base weight,
-    all over FINGERPRINT_ENTRIES entries at fixed random positions (a probe, not a checksum: it
-    costs microseconds per module, so loading an adapter stays in milliseconds).
-
-    Robust to dtype casts (float32 / bfloat16 / float16 copies of one model agree to ~1e-3 of the
-    RMS); a different model (another pretraining, another seed) differs by about the RMS itself.
-    """
-    modules = dict(model.named_modules())
-    result = {}
-    for path in paths:
-        module = modules[path]
-        weight = module.original_weight if isinstance(module, LoraLayer) else module.weight
-        w = weight.detach().reshape(-1)
-        generator = torch.Generator().manual_seed(0)
-        if w.numel() > FINGERPRINT_ENTRIES:
-            w = w[torch.randint(w.numel(), (FINGERPRINT_ENTRIES,), generator=generator).to(w.device)]
-        w = w.float().cpu()
-        probe = torch.randn(w.numel(), generator=generator)
-        result[path] = [w.mean().item(), w.square().mean().sqrt().item(), (w @ probe).item() / math.sqrt(w.numel())]
-    return result
-
-
-def _fingerprint_problems(saved: dict, current: dict) -> list[str]:
-    bad = []
-    for path, (mean, rms, proj) in saved.items():
-        if path not in current:
-            continue
-        c_mean, c_rms, c_proj = current[path]
-        tol = 1e-2 * max(rms, c_rms, 1e-12)
-        if abs(mean - c_mean) > tol or abs(rms - c_rms) > tol or abs(proj - c_proj) > tol:
-            bad.append(path)
-    return bad
+def adapter_metadata(adapter: str, config: LoraConfig, fingerprint: dict, checksum: str) -> dict[str, str]:
+    """The safetensors header entries lorakit writes besides PEFT's."""
+    return {"format": "pt", META_VERSION: FORMAT_VERSION, META_ADAPTER: adapter,
+            META_CONFIG: json.dumps(config.to_dict()), META_FINGERPRINT: json.dumps(fingerprint),
+            META_CHECKSUM: checksum}
 
 
 # --- loading ----------------------------------------------------------------------------------------
-def load_adapter(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    adapter: str = "default",
-    allow_base_mismatch: bool = False,
-) -> str:
-    """Load an adapter directory (lorakit's or PEFT's) into `model` as `adapter`; returns the name.
+@dataclasses.dataclass
+class _Load:
+    """A load, planned: the adapter's name, its config, its parts (path -> LoraAdapter or copy, filled
+    from the file, not yet attached) and the bias values to copy in."""
 
-    Injects LoRA layers (and copies of the modules to save) as needed, or fills an existing
-    adapter of the same name and shapes. Everything is checked before the model is touched; on
-    any error the model is unchanged.
+    name: str
+    config: LoraConfig
+    parts: dict[str, nn.Module]
+    biases: list[tuple[nn.Parameter, torch.Tensor]]
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | None = None,
+                 allow_base_mismatch: bool = False) -> str:
+    """Load an adapter folder (lorakit's or PEFT's) into `model`; returns the adapter's name.
+
+    The name is `adapter`, else the one the file was saved under, else "default". An adapter of
+    that name already in the model is replaced whole (A, B, scale, dropout, config, modules to
+    save, biases), as if it had never been there. Everything is checked and built before the model
+    is touched; on any error the model is exactly as it was.
     """
-    check_adapter_name(adapter)
-    directory = Path(directory)
-    peft_config = _read_config(directory)
+    load = _plan(model, Path(directory), adapter, allow_base_mismatch)
+    _apply(model, load)
+    return load.name
+
+
+def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mismatch: bool) -> _Load:
+    raw = peft.read_config(check_adapter_directory(directory))
     tensors, metadata = _read_weights(directory / WEIGHTS_FILE)
-    paths = _resolve_peft_targets(model, peft_config, directory)
-    saved = _resolve_peft_saved(model, peft_config, paths, directory)
-    config = _lorakit_config(peft_config, paths, saved)
-    tensors = _without_peft_bias_repeats(tensors, peft_config, saved)
-    _check_tensors(model, config, paths, tensors, directory)
-    _check_fingerprint(model, paths, metadata, directory, allow_base_mismatch)
-    if adapter in adapters(model) and (sorted(adapter_paths(model, adapter)) != sorted(paths)
-                                       or saved_paths(model, adapter) != saved):
-        raise LoraError(f"adapter={adapter!r} already exists on other modules than the file's; "
-                        f"load under another name or lk.delete_adapter(model, {adapter!r}) first")
-    _apply(model, config, paths, tensors, adapter)
-    return adapter
+    name = adapter if adapter is not None else metadata.get(META_ADAPTER, DEFAULT_ADAPTER)
+    check_adapter_name(name)
+    check_not_merged(model)
+    modules = candidate_modules(model)  # the one walk of the model: everything below reads this list
+    paths = peft.resolve_targets(model, modules, raw, directory / CONFIG_FILE)
+    saved = peft.resolve_saved(modules, raw, paths, directory / CONFIG_FILE)
+    exact = peft.lorakit_config(raw, paths, saved)
+    resolve(model, exact, modules)  # lorakit's own checks: overlaps with other adapters, conv groups
+    config = _written_config(model, modules, metadata, exact, paths, saved)
+    tensors = peft.without_bias_repeats(tensors, raw, saved)
+    by_path = dict(modules)
+    biases = peft.bias_params(modules, config.bias, paths, saved)
+    _check_tensors(by_path, config, paths, saved, biases, tensors, directory)
+    if not allow_base_mismatch:
+        _check_fingerprint(by_path, paths, metadata, directory)
+    parts = new_parts(by_path, config, paths, saved)
+    with torch.no_grad():
+        for path, part in parts.items():
+            _fill(part, path, layer_class_for(base_of(by_path[path])), tensors)
+    return _Load(name, config, parts, [(p, tensors[k]) for k, p in biases.items()])
+
+
+def _written_config(model, modules, metadata: dict, exact: LoraConfig, paths: list[str], saved: list[str]) -> LoraConfig:
+    """The LoraConfig the file was saved with (its patterns, targets=None and all), where it rebuilds
+    exactly what the file holds on this model; else `exact` (PEFT's file, or a config edited by hand)."""
+    text = metadata.get(META_CONFIG)
+    try:
+        written = LoraConfig(**json.loads(text)) if text is not None else None
+        same = written is not None and resolve(model, written, modules) == (paths, saved) and all(
+            (written.rank_for(p), written.alpha_for(p), written.scale_for(p)) ==
+            (exact.rank_for(p), exact.alpha_for(p), exact.scale_for(p)) for p in paths) and \
+            (written.dropout, written.bias, written.init) == (exact.dropout, exact.bias, exact.init)
+    except (LoraError, TypeError, ValueError, AttributeError):  # not a config this version reads: PEFT's wins
+        same = False
+    return written if same else exact
+
+
+def _fill(part: nn.Module, path: str, layer_type: type[LoraLayer] | None, tensors: dict) -> None:
+    """Copy the file's tensors for `path` into a planned part (a LoraAdapter, or a copy to save)."""
+    if isinstance(part, LoraAdapter):
+        key_a, key_b = peft.factor_keys(layer_type, path)
+        part.A.copy_(tensors[key_a])
+        part.B.copy_(tensors[key_b])
+    else:
+        state = part.state_dict()  # detached views of the copy's tensors
+        for key, name in peft.copy_keys(path, state).items():
+            state[name].copy_(tensors[key])
+
+
+def _apply(model: nn.Module, load: _Load) -> None:
+    """Replace any adapter of this name by the planned one, in one step undone on any error."""
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    old_biases = [(p, p.detach().clone()) for p, _ in load.biases]
+    replaced = [(module, module.drop(load.name)) for _, module in followers(model) if module.holds(load.name)]
+    try:
+        attach_(model, load.name, load.parts, load.config.bias)
+        with torch.no_grad():
+            for param, value in load.biases:
+                param.copy_(value)
+    except BaseException:
+        with torch.no_grad():
+            for _, module in followers(model):
+                if module.holds(load.name):
+                    module.drop(load.name)
+            for module, part in replaced:
+                module.put(load.name, part)
+            for param, value in old_biases:
+                param.copy_(value)
+            for param, flag in grad_flags:
+                param.requires_grad_(flag)
+        unwrap_empty_(model)
+        raise
+    unwrap_empty_(model)  # modules only the replaced adapter used
 
 
 def check_adapter_directory(directory: str | os.PathLike) -> Path:
@@ -278,64 +230,8 @@ def check_adapter_directory(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _read_config(directory: Path) -> dict:
-    config_path = check_adapter_directory(directory) / CONFIG_FILE
-    try:
-        raw = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LoraError(f"{config_path}: not valid JSON ({err}); re-save the adapter") from None
-    if not isinstance(raw, dict):
-        raise LoraError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
-    problems = _config_problems(raw)
-    if problems:
-        raise problems_error(str(config_path), problems)
-    return raw
-
-
-def _config_problems(raw: dict) -> list[str]:
-    p = []
-    if raw.get("peft_type") != "LORA":
-        p.append(f"peft_type={raw.get('peft_type')!r}: only 'LORA' adapters can be loaded")
-    for key, value in raw.items():
-        if key in READ_FIELDS:
-            continue
-        if key not in OFF_VALUES:
-            p.append(f"{key}={value!r}: unknown field; remove it (lorakit reads PEFT LoRA configs)")
-        elif value not in OFF_VALUES[key]:
-            p.append(f"{key}={value!r}: a PEFT feature lorakit does not support; "
-                     f"set it to {OFF_VALUES[key][0]!r} or use peft to load this adapter")
-    r = raw.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        p.append(f"r={r!r}: must be a positive integer")
-    alpha = raw.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        p.append(f"lora_alpha={alpha!r}: must be a positive number")
-    targets = raw.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
-        p.append(f"target_modules={targets!r}: must be a non-empty list of module names or a regex string")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(raw.get(key, {}), dict):
-            p.append(f"{key}={raw.get(key)!r}: must be an object mapping a pattern to a value")
-    if raw.get("bias", "none") not in ("none", "all", "lora_only"):
-        p.append(f"bias={raw.get('bias')!r}: must be 'none', 'all' or 'lora_only'")
-    saves = raw.get("modules_to_save")
-    if saves is not None and not (isinstance(saves, list) and all(_is_pattern(n) for n in saves)):
-        p.append(f"modules_to_save={saves!r}: must be null or a list of module names")
-    return p
-
-
-def _is_pattern(name) -> bool:
-    """A module name PEFT can use in its modules_to_save regex."""
-    if not isinstance(name, str) or not name:
-        return False
-    try:
-        re.compile(name)
-    except re.error:
-        return False
-    return True
-
-
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors and metadata, verified: finite values, and the checksum where lorakit wrote one."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -347,100 +243,26 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if bad:
         raise LoraError(f"{path}: tensors hold NaN or Inf values: {', '.join(sorted(bad)[:5])}; "
                         "the adapter diverged in training: use an earlier checkpoint")
+    checksum = metadata.get(META_CHECKSUM)
+    if checksum is not None and checksum != tensor_checksum(tensors):
+        raise LoraError(f"{path}: the tensor data does not match the checksum stored with it ({META_CHECKSUM}); "
+                        "the file was damaged after it was written: save the adapter again or restore a copy")
     return tensors, metadata
 
 
-def _peft_matches(path: str, targets) -> bool:
-    if isinstance(targets, str):
-        return bool(re.fullmatch(targets, path))
-    return any(path == t or path.endswith("." + t) for t in targets)
-
-
-def _resolve_peft_targets(model: nn.Module, raw: dict, directory: Path) -> list[str]:
-    """Module paths PEFT would adapt with this config (PEFT's matching rules, not lorakit's)."""
-    targets, exclude = raw["target_modules"], raw.get("exclude_modules") or []
-    modules = candidate_modules(model)
-    if targets == "all-linear":
-        head = output_head(model)
-        hits = [p for p, m in modules if is_linear(base_of(m)) and base_of(m) is not head]
-    else:
-        hits = [p for p, _ in modules if _peft_matches(p, targets)]
-    hits = [p for p in hits if not _peft_matches(p, exclude)]
-    if not hits:
-        raise LoraError(f"{directory / CONFIG_FILE}: target_modules={targets!r} matches no module of this model; "
-                        "is it the model the adapter was trained on?")
-    hits = [p for p in hits if not _peft_excludes(p, _peft_save_names(raw))]
-    unsupported = [f"{p} ({type(base_of(m)).__name__})" for p, m in modules if p in hits and not layer_class_for(base_of(m))]
-    if unsupported:
-        raise LoraError(f"{directory / CONFIG_FILE}: target_modules={targets!r} matches modules lorakit cannot "
-                        f"adapt: {', '.join(unsupported[:5])}")
-    return hits
-
-
-def _peft_save_names(raw: dict) -> list[str]:
-    """The names PEFT saves in full: the config's modules_to_save, plus the heads SEQ_CLS adds."""
-    names = list(raw.get("modules_to_save") or [])
-    return names + list(SEQ_CLS_HEADS) if raw.get("task_type") == "SEQ_CLS" else names
-
-
-def _resolve_peft_saved(model: nn.Module, raw: dict, paths: list[str], directory: Path) -> list[str]:
-    """Module paths PEFT would save in full with this config (PEFT's suffix rule), in module order."""
-    names = _peft_save_names(raw)
-    hits = [p for p, _ in candidate_modules(model) if _peft_saves(p, names)]
-    clash = [p for p in hits if p in paths or any(p.startswith(q + ".") for q in hits)]
-    if clash:
-        raise LoraError(f"{directory / CONFIG_FILE}: modules_to_save={names!r} picks {clash[0]!r}, which is also "
-                        "adapted with LoRA or lies inside another module to save; PEFT cannot load this adapter either")
-    return hits
-
-
-def _without_peft_bias_repeats(tensors: dict, raw: dict, saved: list[str]) -> dict:
-    """PEFT's bias='all' also writes a module to save's biases as `<path>.original_module.*` (the frozen
-    original's, unchanged) and `<path>.modules_to_save.*` (the copy's again, which PEFT's own loader
-    reports as unexpected): both repeat what is read elsewhere, so they are set aside."""
-    if raw.get("bias") != "all":
-        return tensors
-    repeats = tuple(f"{PREFIX}{p}.{part}." for p in saved for part in ("original_module", "modules_to_save"))
-    return {k: t for k, t in tensors.items() if not k.startswith(repeats)}
-
-
-def _lorakit_config(raw: dict, paths: list[str], saved: list[str]) -> LoraConfig:
-    """A LoraConfig naming each module exactly, with PEFT's pattern rules already applied."""
-    def pattern_value(patterns: dict, path: str, default):
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", path):
-                return value
-        return default
-
-    rank, alpha = raw["r"], raw.get("lora_alpha", 8)
-    ranks = {p: pattern_value(raw.get("rank_pattern") or {}, p, rank) for p in paths}
-    alphas = {p: pattern_value(raw.get("alpha_pattern") or {}, p, alpha) for p in paths}
-    init = raw.get("init_lora_weights", True)
-    try:
-        return LoraConfig(
-            rank=rank, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)), targets=tuple(paths),
-            bias=raw.get("bias", "none"), rslora=bool(raw.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "default",
-            rank_pattern={p: r for p, r in ranks.items() if r != rank},
-            alpha_pattern={p: a for p, a in alphas.items() if a != alpha}, modules_to_save=tuple(saved),
-        )
-    except LoraError as err:
-        raise LoraError(f"{CONFIG_FILE}: {err}") from None
-
-
-def _check_tensors(model, config: LoraConfig, paths: list[str], tensors: dict, directory: Path) -> None:
-    modules = dict(candidate_modules(model))
+def _check_tensors(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str], saved: list[str],
+                   biases: dict[str, nn.Parameter], tensors: dict, directory: Path) -> None:
     expected: dict[str, tuple[int, ...]] = {}
     for path in paths:
         base = base_of(modules[path])
         cls = layer_class_for(base)
         shape_a, shape_b = cls.adapter_shapes(base, config.rank_for(path))
-        key_a, key_b = _peft_keys(cls, path)
+        key_a, key_b = peft.factor_keys(cls, path)
         expected[key_a], expected[key_b] = tuple(shape_a), tuple(shape_b)
-    for path in config.modules_to_save:
+    factors = set(expected)  # floating point; a copy's buffers may be integers
+    for path in saved:
         state = base_of(modules[path]).state_dict()
-        expected.update({f"{PREFIX}{path}.{k}": tuple(t.shape) for k, t in state.items()})
-    biases = _bias_params(model, config.bias, paths, config.modules_to_save)
+        expected.update({key: tuple(state[name].shape) for key, name in peft.copy_keys(path, state).items()})
     expected.update({k: tuple(p.shape) for k, p in biases.items()})
     problems = [f"missing key {k!r} (shape {list(s)})" for k, s in expected.items() if k not in tensors]
     problems += [f"unexpected key {k!r}" for k in tensors if k not in expected]
@@ -448,21 +270,23 @@ def _check_tensors(model, config: LoraConfig, paths: list[str], tensors: dict, d
         f"key {k!r} has shape {list(tensors[k].shape)}, the model needs {list(s)}"
         for k, s in expected.items() if k in tensors and tuple(tensors[k].shape) != s
     ]
+    problems += [f"key {k!r} has dtype {tensors[k].dtype}; LoRA factors are floating point"
+                 for k in factors if k in tensors and not tensors[k].is_floating_point()]
     if problems:
         raise problems_error(f"{directory / WEIGHTS_FILE} does not fit this model", problems[:20])
 
 
-def _check_fingerprint(model, paths, metadata: dict, directory: Path, allow: bool) -> None:
-    if allow or "lorakit_base_fingerprint" not in metadata:
-        return
-    if metadata.get("lorakit_format_version") != FORMAT_VERSION:  # another fingerprint method: not comparable
-        return
+def _check_fingerprint(modules: dict[str, nn.Module], paths: list[str], metadata: dict, directory: Path) -> None:
+    if META_FINGERPRINT not in metadata or metadata.get(META_VERSION) not in FINGERPRINT_VERSIONS:
+        return  # PEFT's file, or another fingerprint method: nothing comparable
     try:
-        saved = json.loads(metadata["lorakit_base_fingerprint"])
+        saved = json.loads(metadata[META_FINGERPRINT])
     except json.JSONDecodeError:
-        raise LoraError(f"{directory / WEIGHTS_FILE}: metadata lorakit_base_fingerprint is not JSON; "
-                        "pass allow_base_mismatch=True to load anyway") from None
-    bad = _fingerprint_problems(saved, base_fingerprint(model, paths))
+        saved = None
+    if not is_fingerprint(saved):
+        raise LoraError(f"{directory / WEIGHTS_FILE}: metadata {META_FINGERPRINT} is not a fingerprint; "
+                        "pass allow_base_mismatch=True to load anyway")
+    bad = fingerprint_problems(saved, base_fingerprint(modules, paths))
     if bad:
         raise LoraError(
             f"{directory}: the adapter was trained on different base weights ({len(bad)} module(s) differ, "
@@ -470,74 +294,27 @@ def _check_fingerprint(model, paths, metadata: dict, directory: Path, allow: boo
         )
 
 
-@torch.no_grad()
-def _apply(model: nn.Module, config: LoraConfig, paths: list[str], tensors: dict, adapter: str) -> None:
-    """Inject (if needed) and copy the tensors in; on any failure, undo everything."""
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    biases = _bias_params(model, config.bias, paths, config.modules_to_save)
-    old_biases = {k: p.detach().clone() for k, p in biases.items()}
-    injected = adapter not in adapters(model)
-    old_adapter, old_copies = {}, {}
-    try:
-        if injected:
-            inject_(model, config, adapter)
-        layers = dict(lora_layers(model))
-        for path in paths:
-            layer = layers[path]
-            key_a, key_b = _peft_keys(layer, path)
-            old_adapter[path] = (layer.lora_A[adapter].detach().clone(), layer.lora_B[adapter].detach().clone())
-            layer.lora_A[adapter].copy_(tensors[key_a])
-            layer.lora_B[adapter].copy_(tensors[key_b])
-        wrappers = dict(saved_modules(model))
-        for path in config.modules_to_save:
-            state = wrappers[path].copies[adapter].state_dict()  # detached views of the copy's tensors
-            old_copies[path] = {k: t.clone() for k, t in state.items()}
-            for k, t in state.items():
-                t.copy_(tensors[f"{PREFIX}{path}.{k}"])
-        for key, param in _bias_params(model, config.bias, paths, config.modules_to_save).items():
-            param.copy_(tensors[key])
-    except BaseException:
-        if injected and adapter in adapters(model):
-            from ..core.adapters import delete_adapter
-            delete_adapter(model, adapter)
-        else:
-            layers = dict(lora_layers(model))
-            for path, (a, b) in old_adapter.items():
-                layers[path].lora_A[adapter].copy_(a)
-                layers[path].lora_B[adapter].copy_(b)
-            wrappers = dict(saved_modules(model))
-            for path, old in old_copies.items():
-                for k, t in wrappers[path].copies[adapter].state_dict().items():
-                    t.copy_(old[k])
-        for key, param in biases.items():
-            param.copy_(old_biases[key])
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        raise
-
-
 # --- reading the factors alone --------------------------------------------------------------------
 def read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scale) per adapted module of an adapter folder, read without a model: enough to study
     the update dW = scale * B @ A itself (lorakit.analysis). Paths are the file's own; A is
     (r, fan_in[, *kernel]), B (d_out, r[, *ones]), as stored."""
-    directory = Path(directory)
-    raw = _read_config(directory)
+    directory = check_adapter_directory(directory)
+    raw = peft.read_config(directory)
     tensors, _ = _read_weights(directory / WEIGHTS_FILE)
-    factor = re.compile(rf"{re.escape(PREFIX)}(.+)\.lora_(A\.weight|embedding_A)")
     pairs = {}
     for key, A in tensors.items():
-        found = factor.fullmatch(key)
+        found = peft.FACTOR_KEY.fullmatch(key)
         if found is None:
             continue
         path = found.group(1)
-        key_b = _peft_keys(LoraEmbedding if found.group(2) == "embedding_A" else LoraLayer, path)[1]
+        key_b = peft.factor_keys(LoraEmbedding if found.group(2) == "embedding_A" else LoraLayer, path)[1]
         if key_b not in tensors:
             raise LoraError(f"{directory / WEIGHTS_FILE}: {key!r} has no matching {key_b!r}; save the adapter again")
         pairs[path] = (A, tensors[key_b])
     if not pairs:
         raise LoraError(f"{directory / WEIGHTS_FILE}: holds no LoRA factors (keys like {PREFIX}<module>.lora_A.weight)")
-    config = _lorakit_config(raw, list(pairs), [])
+    config = peft.lorakit_config(raw, list(pairs), [])
     return {path: (A, B, config.scale_for(path)) for path, (A, B) in pairs.items()}
 
 
@@ -545,17 +322,16 @@ def read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, 
 def adapter_info(directory: str | os.PathLike) -> dict:
     """What an adapter directory holds: its config, adapted modules, parameter count, file sizes and
     lorakit metadata. Reads the JSON config and the safetensors header only (no tensor data, no pickle)."""
-    directory = Path(directory)
-    raw = _read_config(directory)
+    directory = check_adapter_directory(directory)
+    raw = peft.read_config(directory)
     weights = directory / WEIGHTS_FILE
     try:
         with safe_open(str(weights), framework="pt") as f:
             metadata = f.metadata() or {}
-            slices = {key: f.get_slice(key) for key in f.keys()}
-            shapes = {key: (s.get_shape(), s.get_dtype()) for key, s in slices.items()}
+            shapes = {key: (f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()) for key in f.keys()}
     except Exception as err:  # safetensors raises several types for corrupt or truncated files
         raise LoraError(f"{weights}: not a readable safetensors file ({err}); save the adapter again") from None
-    fingerprint = metadata.get("lorakit_base_fingerprint")
+    fingerprint = metadata.get(META_FINGERPRINT)
     return {
         "directory": str(directory),
         "config": {
@@ -568,8 +344,8 @@ def adapter_info(directory: str | os.PathLike) -> dict:
         "parameters": sum(math.prod(shape) for shape, _ in shapes.values()),
         "dtypes": sorted({dtype for _, dtype in shapes.values()}),
         "files": {name: (directory / name).stat().st_size for name in (CONFIG_FILE, WEIGHTS_FILE)},
-        "format_version": metadata.get("lorakit_format_version"),  # None: not written by lorakit (e.g. PEFT)
-        "adapter": metadata.get("lorakit_adapter"),
+        "format_version": metadata.get(META_VERSION),  # None: not written by lorakit (e.g. PEFT)
+        "adapter": metadata.get(META_ADAPTER),
         "task": metadata.get("lorakit_task"),
         "label_names": _label_names(metadata.get("lorakit_label_names"), weights),
         "base_model": metadata.get("lorakit_base_model") or raw.get("base_model_name_or_path"),

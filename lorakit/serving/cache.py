@@ -20,9 +20,9 @@ from typing import Iterator, Mapping, Sequence
 
 from torch import nn
 
-from ..core.adapters import adapters, delete_adapter, set_active
+from ..core.adapters import delete_adapter
+from ..core.identity import active_adapter, adapters, check_adapter_name, set_active
 from ..errors import LoraError, problems_error
-from ..core.inject import active_adapter, check_adapter_name
 from ..io.adapter_files import check_adapter_directory, load_adapter
 from ..core.mixed import mixed_batch
 

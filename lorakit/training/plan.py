@@ -28,10 +28,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..core.config import LoraConfig, option
+from ..core.identity import adapter_config
+from ..core.inject import candidate_modules, inject_
+from ..core.layers import LoraLayer
 from ..errors import LoraError, problems_error
-from ..core.inject import inject_
-from ..io.adapter_files import FORMAT_VERSION, _peft_keys, base_fingerprint
-from ..core.layers import lora_layers
+from ..io.adapter_files import adapter_metadata, adapter_tensors
+from ..io.integrity import base_fingerprint
 from .loss import summed_causal_lm_loss
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -193,22 +195,20 @@ class LiveBytes(TorchDispatchMode):
 
 # --- the adapter file --------------------------------------------------------------------------------
 def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None) -> int:
-    """Size of the adapter_model.safetensors that save_adapter writes for this (fake) injected model.
+    """Size of the adapter_model.safetensors that save_adapter writes for this (fake) injected model:
+    the same tensors and metadata save_adapter builds (adapter_files.adapter_tensors/adapter_metadata).
 
     Tensor data exactly; the header too when the real model's weights give the base fingerprint,
     otherwise to within a few bytes per adapted module.
     """
-    layers = dict(lora_layers(model))
-    shapes = {}
-    for path, layer in layers.items():
-        key_a, key_b = _peft_keys(layer, path)
-        shapes[key_a], shapes[key_b] = tuple(layer.lora_A["default"].shape), tuple(layer.lora_B["default"].shape)
-    fingerprint = base_fingerprint(weights, list(layers)) if weights is not None else \
-        {path: TYPICAL_FINGERPRINT for path in layers}
-    config = layers[next(iter(layers))].configs["default"]
-    metadata = {"format": "pt", "lorakit_format_version": FORMAT_VERSION, "lorakit_adapter": "default",
-                "lorakit_config": json.dumps(config.to_dict()), "lorakit_base_fingerprint": json.dumps(fingerprint)}
-    return _safetensors_bytes(shapes, metadata)
+    modules = candidate_modules(model)
+    tensors, _, _ = adapter_tensors(model, modules, "default")
+    paths = [p for p, m in modules if isinstance(m, LoraLayer)]
+    fingerprint = base_fingerprint(dict(candidate_modules(weights)), paths) if weights is not None else \
+        {path: TYPICAL_FINGERPRINT for path in paths}
+    checksum = "0" * 64  # a sha256 in hex: its length is all the size depends on
+    metadata = adapter_metadata("default", adapter_config(model, "default"), fingerprint, checksum)
+    return _safetensors_bytes({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
 
 
 def _safetensors_bytes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> int:
