@@ -44,11 +44,11 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             module.drop(adapter)
         if module.active_adapter == adapter:
             module.active_adapter = None
-    unwrap_empty_(model)
+    unwrap_empty_(model, followers(model))
 
 
-def unwrap_empty_(model: nn.Module) -> None:
-    """Replace every follower left without adapters by the plain module it wraps."""
-    for path, module in followers(model):
+def unwrap_empty_(model: nn.Module, present: list[tuple[str, nn.Module]]) -> None:
+    """Replace every follower (of `present`, the model's) left without adapters by the plain module it wraps."""
+    for path, module in present:
         if module.empty:
             model.set_submodule(path, module.wrapped)

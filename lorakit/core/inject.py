@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import LoraError, problems_error
 from .config import LoraConfig
-from .identity import FOLLOWER_TYPES, adapters, check_adapter_name, followers, merged_adapter
+from .identity import FOLLOWER_TYPES, adapters, check_adapter_name
 from .layers import LoraAdapter, LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, supported_type_names
 from .modules_to_save import CONTAINERS, ModuleToSave, trainable_copy
 from .targets import ALL_LINEAR, default_targets, model_type, path_matches
@@ -31,12 +31,13 @@ def base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
-def output_head(model: nn.Module) -> nn.Module | None:
-    """The model's output projection (excluded from 'all-linear'), if it has one."""
+def output_head(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> nn.Module | None:
+    """The model's output projection (excluded from 'all-linear'), if it has one; `modules` is
+    candidate_modules(model)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None:
-        head = dict(model.named_modules()).get("lm_head")
+        head = dict(modules).get("lm_head")
     return base_of(head) if head is not None else None
 
 
@@ -53,7 +54,7 @@ def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def resolve(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]) -> tuple[list[str], list[str]]:
     """(LoRA target paths, module-to-save paths), both in module order; `modules` is candidate_modules(model)."""
-    head = output_head(model)
+    head = output_head(model, modules)
     unwrappable = _read_by_weight(modules)
     saved, saved_problems = _resolve_saved(modules, config)
     whole = set(saved) | {p for p, m in modules if isinstance(m, ModuleToSave)}  # trained in full, never LoRA
@@ -204,15 +205,17 @@ def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> l
     if adapter in adapters(model):
         raise LoraError(f"adapter={adapter!r} already exists in this model; pick another name "
                         f"or remove it first with lk.delete_adapter(model, {adapter!r})")
-    check_not_merged(model)
     modules = candidate_modules(model)
+    check_not_merged(modules)
     paths, saved = resolve(model, config, modules)
-    attach_(model, adapter, new_parts(dict(modules), config, paths, saved), config.bias)
+    present = [(p, m) for p, m in modules if isinstance(m, FOLLOWER_TYPES)]
+    attach_(model, adapter, new_parts(dict(modules), config, paths, saved), config.bias, present)
     return paths
 
 
-def check_not_merged(model: nn.Module) -> None:
-    if merged_adapter(model) is not None:
+def check_not_merged(modules: list[tuple[str, nn.Module]]) -> None:
+    """`modules` (candidate_modules(model)) hold no merged adapter."""
+    if any(isinstance(m, LoraLayer) and m.merged_adapter is not None for _, m in modules):
         raise LoraError("model is merged; call lk.unmerge_(model) before adding or replacing an adapter")
 
 
@@ -228,38 +231,44 @@ def new_parts(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str
     return parts
 
 
-def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str) -> None:
+def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str,
+            present: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """Put adapter `adapter`'s parts into the model: wrap each path in a LoRA layer (LoraAdapter parts)
     or a ModuleToSave (copies) unless it is one already, freeze all but adapter parts, and make the
-    biases `bias` names trainable. The model's active adapter stays (the first adapter becomes it)."""
-    present = followers(model)
+    biases `bias` names trainable. The model's active adapter stays (the first adapter becomes it).
+
+    `present` are the model's followers (identity.followers); returns them with the new wrappers.
+    """
     active = present[0][1].active_adapter if present else adapter
-    adapted = []
+    by_path, adapted = dict(present), []
     for path, part in parts.items():
-        module = model.get_submodule(path)
+        module = by_path.get(path) or model.get_submodule(path)
         if not isinstance(module, FOLLOWER_TYPES):
             module = layer_class_for(module)(module) if isinstance(part, LoraAdapter) else ModuleToSave(module)
             module.active_adapter = active
             model.set_submodule(path, module)
+            by_path[path] = module
         module.put(adapter, part)
         if isinstance(part, LoraAdapter):
             adapted.append(module)
-    _freeze_base(model)
-    _unfreeze_biases(model, bias, adapted)
+    present = list(by_path.items())
+    _freeze_base(model, present)
+    _unfreeze_biases(model, bias, adapted, present)
+    return present
 
 
-def _freeze_base(model: nn.Module) -> None:
+def _freeze_base(model: nn.Module, present: list[tuple[str, nn.Module]]) -> None:
     """Freeze every parameter that is not in an adapter's part (a LoRA A or B, a copy of a module to save)."""
-    adapter_params = {id(p) for _, module in followers(model) for p in module.parts.parameters()}
+    adapter_params = {id(p) for _, module in present for p in module.parts.parameters()}
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
 
 
-def _unfreeze_biases(model: nn.Module, bias: str, layers: list[LoraLayer]) -> None:
+def _unfreeze_biases(model: nn.Module, bias: str, layers: list[LoraLayer], present: list[tuple[str, nn.Module]]) -> None:
     if bias == "none":
         return
-    originals = {id(m) for _, wrapper in followers(model) if isinstance(wrapper, ModuleToSave)
+    originals = {id(m) for _, wrapper in present if isinstance(wrapper, ModuleToSave)
                  for m in wrapper.original_module.modules()}
     owners = model.modules() if bias == "all" else (layer.base_layer for layer in layers)
     for module in owners:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.adapters import unwrap_empty_
 from ..core.config import LoraConfig
-from ..core.identity import active_adapter, adapter_config, check_adapter_name, followers
+from ..core.identity import FOLLOWER_TYPES, active_adapter, adapter_config, check_adapter_name, followers
 from ..core.inject import attach_, base_of, candidate_modules, check_not_merged, new_parts, resolve
 from ..core.layers import LoraAdapter, LoraEmbedding, LoraLayer, layer_class_for
 from ..core.modules_to_save import ModuleToSave
@@ -120,6 +120,7 @@ class _Load:
     config: LoraConfig
     parts: dict[str, nn.Module]
     biases: list[tuple[nn.Parameter, torch.Tensor]]
+    present: list[tuple[str, nn.Module]]  # the model's followers when planned
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | None = None,
@@ -141,8 +142,8 @@ def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mis
     tensors, metadata = _read_weights(directory / WEIGHTS_FILE)
     name = adapter if adapter is not None else metadata.get(META_ADAPTER, DEFAULT_ADAPTER)
     check_adapter_name(name)
-    check_not_merged(model)
     modules = candidate_modules(model)  # the one walk of the model: everything below reads this list
+    check_not_merged(modules)
     paths = peft.resolve_targets(model, modules, raw, directory / CONFIG_FILE)
     saved = peft.resolve_saved(modules, raw, paths, directory / CONFIG_FILE)
     exact = peft.lorakit_config(raw, paths, saved)
@@ -158,7 +159,8 @@ def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mis
     with torch.no_grad():
         for path, part in parts.items():
             _fill(part, path, layer_class_for(base_of(by_path[path])), tensors)
-    return _Load(name, config, parts, [(p, tensors[k]) for k, p in biases.items()])
+    present = [(p, m) for p, m in modules if isinstance(m, FOLLOWER_TYPES)]
+    return _Load(name, config, parts, [(p, tensors[k]) for k, p in biases.items()], present)
 
 
 def _written_config(model, modules, metadata: dict, exact: LoraConfig, paths: list[str], saved: list[str]) -> LoraConfig:
@@ -192,15 +194,16 @@ def _apply(model: nn.Module, load: _Load) -> None:
     """Replace any adapter of this name by the planned one, in one step undone on any error."""
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     old_biases = [(p, p.detach().clone()) for p, _ in load.biases]
-    replaced = [(module, module.drop(load.name)) for _, module in followers(model) if module.holds(load.name)]
+    replaced = [(module, module.drop(load.name)) for _, module in load.present if module.holds(load.name)]
     try:
-        attach_(model, load.name, load.parts, load.config.bias)
+        present = attach_(model, load.name, load.parts, load.config.bias, load.present)
         with torch.no_grad():
             for param, value in load.biases:
                 param.copy_(value)
     except BaseException:
+        present = followers(model)  # attach_ may have wrapped some modules before it failed
         with torch.no_grad():
-            for _, module in followers(model):
+            for _, module in present:
                 if module.holds(load.name):
                     module.drop(load.name)
             for module, part in replaced:
@@ -209,9 +212,9 @@ def _apply(model: nn.Module, load: _Load) -> None:
                 param.copy_(value)
             for param, flag in grad_flags:
                 param.requires_grad_(flag)
-        unwrap_empty_(model)
+        unwrap_empty_(model, present)
         raise
-    unwrap_empty_(model)  # modules only the replaced adapter used
+    unwrap_empty_(model, present)  # modules only the replaced adapter used
 
 
 def check_adapter_directory(directory: str | os.PathLike) -> Path:

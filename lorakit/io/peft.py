@@ -250,7 +250,7 @@ def resolve_targets(model: nn.Module, modules: Modules, raw: dict, where: Path) 
     """Module paths PEFT would adapt with this config (PEFT's matching rules, not lorakit's)."""
     targets, exclude = raw["target_modules"], raw.get("exclude_modules") or []
     if targets == ALL_LINEAR:
-        head = output_head(model)
+        head = output_head(model, modules)
         hits = [p for p, m in modules if is_linear(base_of(m)) and base_of(m) is not head]
     else:
         hits = [p for p, _ in modules if peft_matches(p, targets)]

@@ -58,6 +58,9 @@ def snapshot(model: nn.Module) -> dict:
         "grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "types": [(n, type(m)) for n, m in model.named_modules()],
         "adapters": lk.adapters(model),
+        "parts": {(path, name): (part.scale, part.dropout_p, part.config)
+                  for path, layer in lk.lora_layers(model) for name, part in layer.adapters.items()},
+        "active": lk.active_adapter(model),
     }
 
 
@@ -66,6 +69,7 @@ def assert_unchanged(model, before):
     assert after["types"] == before["types"]
     assert after["grad"] == before["grad"]
     assert after["adapters"] == before["adapters"]
+    assert after["parts"] == before["parts"] and after["active"] == before["active"]
     assert after["state"].keys() == before["state"].keys()
     for k, v in before["state"].items():
         assert torch.equal(after["state"][k], v), k
@@ -334,3 +338,230 @@ def test_an_adapter_with_an_older_fingerprint_method_loads_unchecked(saved, tmp_
     tensors, metadata = lk.io.adapter_files._read_weights(directory / WEIGHTS_FILE)
     save_file(tensors, directory / WEIGHTS_FILE, metadata={**metadata, "lorakit_format_version": "1"})
     lk.load_adapter(fresh(seed=1), directory)  # a different base, but nothing to compare with
+
+
+# --- loading under a name that exists replaces the whole adapter ------------------------------------
+REPLACEMENTS = {
+    "alpha": CONFIG.replace(alpha=64),
+    "rank": CONFIG.replace(rank=2, rank_pattern={}),
+    "patterns": CONFIG.replace(rank_pattern={"conv": 4, "proj": 2}, alpha_pattern={"proj": 3.0, "embed": 5}),
+    "rslora": CONFIG.replace(rslora=True),
+    "dropout": CONFIG.replace(dropout=0.25),
+    "bias lora_only": CONFIG.replace(bias="lora_only"),
+    "bias all": CONFIG.replace(bias="all"),
+    "modules to save": CONFIG.replace(modules_to_save=("head",)),
+    "fewer modules": CONFIG.replace(targets=("proj",), rank_pattern={}),
+    "init": CONFIG.replace(init="gaussian"),
+}
+
+
+def with_trained_biases(model: nn.Module) -> nn.Module:
+    """Trained biases that differ from the base's, so a file's biases show whether they were loaded."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.requires_grad:
+                p.add_(0.5)
+    return model
+
+
+def holding_keep(seed=7) -> Net:
+    """A fresh base already holding another adapter, 'keep' (active, since it came first)."""
+    model = fresh()
+    torch.manual_seed(seed)
+    lk.inject_(model, lk.LoraConfig(rank=2, targets=("proj",)), "keep")
+    return model
+
+
+def described(model: nn.Module) -> dict:
+    """What a user can observe of a model's adapters: structure, tensors, flags, per-layer parts, configs."""
+    return {**snapshot(model), "configs": {name: lk.adapter_config(model, name) for name in lk.adapters(model)}}
+
+
+@pytest.mark.parametrize("field", sorted(REPLACEMENTS))
+def test_loading_over_an_adapter_of_the_same_name_equals_a_fresh_load(tmp_path, field):
+    """Issue: loading y into slot 'slot' that held x kept x's scale and config. Now the model ends up as if
+    x had never been there, for every field an adapter file carries."""
+    x_dir = lk.save_adapter(trained(), tmp_path / "x")
+    y_model = with_trained_biases(trained(config=REPLACEMENTS[field]))
+    y_dir = lk.save_adapter(y_model, tmp_path / "y")
+
+    replaced = holding_keep()
+    lk.load_adapter(replaced, x_dir, adapter="slot")
+    assert lk.load_adapter(replaced, y_dir, adapter="slot") == "slot"
+    direct = holding_keep()
+    lk.load_adapter(direct, y_dir, adapter="slot")
+
+    got, want = described(replaced), described(direct)
+    assert got.keys() == want.keys()
+    for key in ("types", "grad", "adapters", "parts", "active", "configs"):
+        assert got[key] == want[key], key
+    assert got["state"].keys() == want["state"].keys()
+    for k in want["state"]:
+        assert torch.equal(got["state"][k], want["state"][k]), k
+    assert lk.adapter_config(replaced, "slot") == REPLACEMENTS[field]  # read back as written, not x's
+    with lk.use(replaced, "slot"), lk.use(direct, "slot"):
+        replaced.eval(), direct.eval()
+        assert torch.equal(replaced(IDS), direct(IDS))
+        assert torch.equal(replaced(IDS), y_model.eval()(IDS))
+
+
+def test_replacing_the_active_adapter_keeps_it_active(tmp_path):
+    x_dir = lk.save_adapter(trained(), tmp_path / "x")
+    y_dir = lk.save_adapter(trained(config=REPLACEMENTS["fewer modules"]), tmp_path / "y")
+    model = fresh()
+    lk.load_adapter(model, x_dir)
+    lk.load_adapter(model, y_dir)
+    assert lk.adapters(model) == ["default"] and lk.active_adapter(model) == "default"
+    assert lk.adapter_paths(model, "default") == ["proj"]
+    assert isinstance(model.embed, nn.Embedding) and isinstance(model.conv, nn.Conv1d)  # unwrapped again
+
+
+def test_loading_into_a_merged_model_is_refused_and_changes_nothing(saved):
+    _, directory = saved
+    model = trained(seed=0)
+    lk.merge_(model)
+    before = snapshot(model)
+    with pytest.raises(lk.LoraError, match="unmerge"):
+        lk.load_adapter(model, directory)
+    with pytest.raises(lk.LoraError, match="unmerge"):
+        lk.load_adapter(model, directory, adapter="other")
+    assert_unchanged(model, before)
+
+
+# --- save and load are a symmetric pair ---------------------------------------------------------------
+def test_the_config_and_name_written_are_the_ones_read_back(tmp_path):
+    config = lk.LoraConfig(rank=4, alpha=8, targets=("proj", "con*"), rank_pattern={"conv": 2}, alpha_pattern={"pro*": 2},
+                           dropout=0.1, modules_to_save=("head",), rslora=True)
+    model = trained(config=config, adapter="sql")
+    directory = lk.save_adapter(model, tmp_path / "a")
+    other = fresh()
+    assert lk.load_adapter(other, directory) == "sql"  # the name it was saved under
+    assert lk.adapter_config(other, "sql") == config  # patterns as the user wrote them, not module paths
+
+
+def test_a_config_without_lorakit_metadata_names_modules_exactly(saved):
+    """A PEFT file (no lorakit_config) or a hand-edited one loads with PEFT's meaning, module by module."""
+    _, directory = saved
+    tensors = load_file(directory / WEIGHTS_FILE)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})  # as PEFT writes it
+    model = fresh()
+    assert lk.load_adapter(model, directory) == "default"
+    config = lk.adapter_config(model, "default")
+    assert config.targets == ("embed", "conv", "proj") and dict(config.rank_pattern) == {"conv": 2}
+
+
+def test_an_edited_config_json_wins_over_the_stale_lorakit_config(saved):
+    _, directory = saved
+    raw = json.loads((directory / CONFIG_FILE).read_text())
+    raw["lora_alpha"] = 32  # edited by hand after saving: the JSON is what PEFT would load
+    (directory / CONFIG_FILE).write_text(json.dumps(raw))
+    model = fresh()
+    lk.load_adapter(model, directory)
+    assert lk.adapter_config(model, "default").alpha == 32
+    assert model.proj.adapters["default"].scale == 32 / 4
+
+
+def test_metadata_cannot_overwrite_lorakits_own_keys(tmp_path):
+    model = trained()
+    for key in ("lorakit_config", "lorakit_checksum", "lorakit_format_version", "lorakit_base_fingerprint",
+                "lorakit_adapter"):
+        with pytest.raises(lk.LoraError, match=f"'{key}'.*lorakit's own keys"):
+            lk.save_adapter(model, tmp_path / key, metadata={key: "x"})
+        assert not (tmp_path / key).exists()
+
+
+# --- damaged files -----------------------------------------------------------------------------------
+def _data_start(path: Path) -> int:
+    """Where a safetensors file's tensor bytes begin: 8-byte header length, then the header."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_a_flipped_byte_in_the_tensor_data_is_caught_by_the_checksum(saved):
+    _, directory = saved
+    path = directory / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    position = _data_start(path) + 37  # inside A of the first tensor: a finite float either way
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+    model = fresh()
+    before = snapshot(model)
+    with pytest.raises(lk.LoraError, match="does not match the checksum"):
+        lk.load_adapter(model, directory)
+    assert_unchanged(model, before)
+
+
+def test_a_file_without_a_checksum_still_loads(saved):
+    model, directory = saved
+    rewrite_weights(directory, lambda t: None)  # drops lorakit_checksum, as PEFT's files lack it
+    other = fresh()
+    lk.load_adapter(other, directory)
+    assert torch.equal(other.eval()(IDS), model.eval()(IDS))
+
+
+def _mutations(directory: Path, count: int, seed: int = 0):
+    """`count` seeded ways to damage an adapter folder: flipped or truncated bytes in either file, config
+    fields deleted or given a value of the wrong type."""
+    generator = torch.Generator().manual_seed(seed)
+    pick = lambda n: int(torch.randint(n, (1,), generator=generator))  # noqa: E731
+    weights, config = (directory / WEIGHTS_FILE).read_bytes(), json.loads((directory / CONFIG_FILE).read_text())
+    wrong = [None, "x", [1], -1, 0, 1.5, True, {}, {"a": "b"}, [], "", float("nan"), "(", ["("]]
+    for i in range(count):
+        kind = i % 5
+        files = {WEIGHTS_FILE: weights, CONFIG_FILE: json.dumps(config).encode()}
+        if kind == 0:  # one flipped byte in the weights
+            data = bytearray(weights)
+            data[pick(len(data))] ^= 1 << pick(8)
+            files[WEIGHTS_FILE] = bytes(data)
+        elif kind == 1:  # truncated weights or config
+            name = (WEIGHTS_FILE, CONFIG_FILE)[pick(2)]
+            files[name] = files[name][:pick(len(files[name]))]
+        elif kind == 2:  # a config field deleted
+            changed = dict(config)
+            del changed[sorted(changed)[pick(len(changed))]]
+            files[CONFIG_FILE] = json.dumps(changed).encode()
+        else:  # a config field retyped
+            changed = dict(config)
+            changed[sorted(changed)[pick(len(changed))]] = wrong[pick(len(wrong))]
+            files[CONFIG_FILE] = json.dumps(changed).encode()
+        yield i, files
+
+
+def test_three_hundred_damaged_files_each_fail_cleanly_or_load_finite_tensors(saved, tmp_path):
+    """Every damaged file is a LoraError with the model untouched, or loads finite tensors."""
+    _, directory = saved
+    outcomes = {"error": 0, "loaded": 0}
+    for i, files in _mutations(directory, 300):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        model = holding_keep()
+        before = snapshot(model)
+        try:
+            lk.load_adapter(model, folder, adapter="default")
+        except lk.LoraError:
+            assert_unchanged(model, before)
+            outcomes["error"] += 1
+        else:
+            assert all(torch.isfinite(p).all() for p in model.parameters()), i
+            outcomes["loaded"] += 1
+    assert outcomes["error"] > 200 and sum(outcomes.values()) == 300, outcomes
+
+
+def test_a_load_walks_the_model_once(saved, monkeypatch):
+    """Plan-then-apply reads one listing of the model's modules and its parameters twice (for the undo
+    record and to freeze the base); the old loader walked it 20 times."""
+    _, directory = saved
+    model = holding_keep()
+    walks = []
+    original = nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        if self is model:
+            walks.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "named_modules", counting)
+    lk.load_adapter(model, directory)
+    monkeypatch.undo()
+    assert len(walks) == 3, len(walks)
