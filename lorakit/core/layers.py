@@ -15,11 +15,11 @@ import math
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraConfig
-from .lowrank import delta_weight, lowrank_embedding_routed, lowrank_linear, lowrank_linear_routed
+from .lowrank import (delta_weight, lowrank_conv, lowrank_embedding, lowrank_embedding_routed, lowrank_linear,
+                      lowrank_linear_routed)
 
 _CREATION = itertools.count()  # a process-wide clock: adapters are listed in the order they were added
 
@@ -259,7 +259,7 @@ class LoraEmbedding(LoraLayer):
         nn.init.normal_(A, std=1.0 / rank if init == "gaussian" else 1.0)
 
     def lowrank(self, x, A, B, scale):
-        return (F.embedding(x, A.t()) * scale) @ B.t()
+        return lowrank_embedding(x, A, B, scale)
 
     def to_weight_layout(self, delta):
         return delta.t()
@@ -284,10 +284,7 @@ class LoraConv(LoraLayer):
         return (rank, conv.in_channels // conv.groups, *conv.kernel_size), (conv.out_channels, rank // conv.groups, *ones)
 
     def lowrank(self, x, A, B, scale):
-        conv = self.base_layer
-        hidden = conv._conv_forward(x.to(A.dtype), A, None)  # same stride/padding/dilation/groups
-        pointwise = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(conv.kernel_size)]
-        return pointwise(hidden * scale, B, groups=conv.groups)
+        return lowrank_conv(self.base_layer, x, A, B, scale)
 
 
 def _layer_types() -> dict[type, type[LoraLayer]]:

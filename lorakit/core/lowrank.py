@@ -1,13 +1,15 @@
 """The LoRA arithmetic: scale, the update dW = scale * B @ A, and the unmerged low-rank path.
 
-Every other module (layers, merge, export, analysis) calls these functions; nothing else
-multiplies B by A.
+core.layers (forward, merge, fold), core.mixed (mixed-adapter batches), core.config (scale) and
+analysis.measures (dW of saved adapters) call these functions; nothing else multiplies B by A.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -85,6 +87,19 @@ class _LowRankLinear(torch.autograd.Function):
             if need_x:
                 grad_x = (g_hidden @ A.to(ctx.dtype)).reshape(*grad.shape[:-1], A.shape[1]).to(ctx.x_dtype)
         return grad_x, grad_A, grad_B, None
+
+
+def lowrank_embedding(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * B(A(ids)) for an embedding: A (r, num_embeddings) is a lookup table, B (dim, r)."""
+    return (F.embedding(ids, A.t()) * scale) @ B.t()
+
+
+def lowrank_conv(conv: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * B(A(x)) for a convolution: A a conv like `conv` (same stride, padding, dilation, groups)
+    with r out-channels, B a grouped 1x1 conv up to the base's out-channels."""
+    hidden = conv._conv_forward(x.to(A.dtype), A, None)
+    pointwise = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(conv.kernel_size)]
+    return pointwise(hidden * scale, B, groups=conv.groups)
 
 
 def lowrank_linear_routed(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, index: torch.Tensor,
