@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
-from lorakit.io import integrity
 from lorakit.io.peft import CONFIG_FILE, WEIGHTS_FILE
 
 
@@ -311,27 +310,6 @@ def test_adapter_info_of_a_file_without_lorakit_metadata(saved):
     assert info["modules"] == 3
 
 
-def test_fingerprint_of_a_large_weight_samples_it_and_still_tells_bases_apart():
-    """Past FINGERPRINT_ENTRIES entries the probe samples fixed positions: a re-seeded base differs,
-    a scaled copy differs, a bfloat16 copy agrees."""
-    def fingerprint(weight):
-        return integrity.base_fingerprint(dict(_holding(weight).named_modules()), ["proj"])
-
-    n = 4 * integrity.FINGERPRINT_ENTRIES
-    w = torch.randn(n // 64, 64, generator=torch.Generator().manual_seed(0))
-    same = fingerprint(w)
-    assert integrity.fingerprint_problems(same, fingerprint(w.clone())) == []
-    assert integrity.fingerprint_problems(same, fingerprint(w.to(torch.bfloat16))) == []
-    assert integrity.fingerprint_problems(same, fingerprint(torch.randn(w.shape))) == ["proj"]
-    assert integrity.fingerprint_problems(same, fingerprint(w * 1.1)) == ["proj"]
-
-
-def _holding(weight: torch.Tensor) -> nn.Module:
-    holder = nn.ModuleDict({"proj": nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)})
-    holder["proj"].weight.data = weight
-    return holder
-
-
 def test_an_adapter_with_an_older_fingerprint_method_loads_unchecked(saved, tmp_path):
     """Format 1 fingerprinted every entry; its numbers are not comparable, so they are not compared."""
     model, directory = saved
@@ -565,3 +543,22 @@ def test_a_load_walks_the_model_once(saved, monkeypatch):
     lk.load_adapter(model, directory)
     monkeypatch.undo()
     assert len(walks) == 3, len(walks)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lora_dropout", None), ("lora_dropout", "x"), ("lora_dropout", [1]), ("lora_dropout", 1.5),
+    ("exclude_modules", -1), ("exclude_modules", [1]), ("exclude_modules", "("),
+    ("target_modules", "("), ("target_modules", []), ("target_modules", 3),
+    ("use_rslora", "yes"), ("fan_in_fan_out", 1), ("rank_pattern", {"conv": "2"}), ("rank_pattern", {"(": 2}),
+    ("alpha_pattern", {"proj": None}), ("init_lora_weights", "pissa"), ("init_lora_weights", 3),
+    ("modules_to_save", "head"), ("task_type", 7), ("r", 2.0), ("lora_alpha", "16"), ("bias", None),
+])
+def test_a_wrongly_typed_config_field_is_a_lora_error_naming_it(saved, field, value):
+    """The review found these escaping as bare TypeError/ValueError with no promise about the model."""
+    _, directory = saved
+    rewrite_config(directory, lambda c: c.update({field: value}))
+    model = holding_keep()
+    before = snapshot(model)
+    with pytest.raises(lk.LoraError, match=f"{field}={value!r}".replace("(", r"\(").replace("[", r"\[")):
+        lk.load_adapter(model, directory)
+    assert_unchanged(model, before)
