@@ -102,8 +102,7 @@ def test_save_then_load_round_trips(case, pristine, tmp_path):
     fresh = copy.deepcopy(pristine[1])
     lk.load_adapter(fresh, tmp_path)
     assert torch.equal(case.output(fresh), expected)
-    assert lk.adapter_config(fresh, "default") == lk.adapter_config(case.model, "default").replace(
-        targets=tuple(lk.adapter_paths(case.model, "default")))
+    assert lk.adapter_config(fresh, "default") == lk.adapter_config(case.model, "default")  # as written, read back
 
 
 def lm_loss(case: Case, sentences: list[str]) -> torch.Tensor:
