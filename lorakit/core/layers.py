@@ -153,7 +153,7 @@ class LoraLayer(nn.Module):
             return result
         if self.routing is not None:
             return self.routing.apply(self, x, result)
-        if self.active_adapter not in self.adapters:
+        if not self.holds(self.active_adapter):
             return result
         adapter = self.adapters[self.active_adapter]
         update = self.lowrank(adapter.dropout(x), adapter.A, adapter.B, adapter.scale)
@@ -181,7 +181,7 @@ class LoraLayer(nn.Module):
         if self.merged_adapter is not None:
             self.base_backup = None
             self.merged_adapter = None
-        elif name is not None and name in self.adapters:
+        elif name is not None and self.holds(name):
             self.base_layer.weight.copy_(self.merged_weight(name))
         return self.base_layer
 

@@ -85,7 +85,7 @@ class Routing:
         self.check_batch(x)
         groups: dict[str | None, list[int]] = {}
         for i, name in enumerate(self.names):
-            groups.setdefault(name if name in wrapper.copies else None, []).append(i)
+            groups.setdefault(name if wrapper.holds(name) else None, []).append(i)
         order, outputs = [], []
         for name, rows in groups.items():
             module = wrapper.original_module if name is None else wrapper.copies[name]

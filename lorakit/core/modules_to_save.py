@@ -62,7 +62,7 @@ class ModuleToSave(nn.Module):
     @property
     def in_use(self) -> nn.Module:
         """The module forward calls now: the active adapter's copy, else the original."""
-        if self.disabled or self.active_adapter not in self.copies:
+        if self.disabled or not self.holds(self.active_adapter):
             return self.original_module
         return self.copies[self.active_adapter]
 
@@ -73,7 +73,7 @@ class ModuleToSave(nn.Module):
 
     def unwrap(self, adapter: str | None) -> nn.Module:
         """The module that replaces this wrapper for good: `adapter`'s copy, else the original."""
-        return self.copies[adapter] if adapter in self.copies else self.original_module
+        return self.copies[adapter] if self.holds(adapter) else self.original_module
 
     def __getattr__(self, name: str):
         # Code that reads e.g. `head.weight` or `head.out_features` sees the module in use.
@@ -102,4 +102,4 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:
 
 def saved_paths(model: nn.Module, adapter: str) -> list[str]:
     """Paths of the modules that hold a copy for `adapter`."""
-    return [path for path, wrapper in saved_modules(model) if adapter in wrapper.copies]
+    return [path for path, wrapper in saved_modules(model) if wrapper.holds(adapter)]
