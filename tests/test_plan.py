@@ -115,8 +115,9 @@ def test_from_a_model_directory_without_weights_the_adapter_size_is_close(tmp_pa
 
 
 def test_plan_options_are_validated_together():
-    with pytest.raises(lk.LoraError, match=r"(?s)2 problem.*rank=0.*dtype='int8'"):
-        PlanConfig(rank=0, dtype="int8")
+    with pytest.raises(lk.LoraError, match=r"(?s)3 problem.*batch=0.*lora=\{'rank': 8\}: must be a LoraConfig.*dtype='int8'"):
+        PlanConfig(batch=0, lora={"rank": 8}, dtype="int8")
+    assert PlanConfig().lora == lk.LoraConfig()  # LoraConfig's defaults, as lorakit train's
     with pytest.raises(lk.LoraError, match="targets"):
         plan(GPT2Config(**SMALL_GPT2), rank=8, targets=("no_such_module",), batch=1, seq=8)
 
@@ -132,3 +133,34 @@ def test_lorakit_plan_prints_parameters_size_and_memory(tmp_path, capsys):
     assert result == {**plan(str(directory), rank=2, targets=("q_proj", "v_proj"), batch=2, seq=16), "model": str(directory)}
     assert main(["plan", "--model", str(directory), "--rank", "0"]) == 2
     assert "--rank=0" in capsys.readouterr().err
+
+
+def test_plan_takes_a_loraconfig_or_its_fields_and_defaults_to_the_architectures_targets(tmp_path):
+    directory = tiny.causal_lm_dir(tmp_path / "lm")
+    config = lk.LoraConfig(rank=2, targets=("q_proj", "v_proj"), rank_pattern={"*.layers.0.*": 4})
+    given = plan(str(directory), config, batch=1, seq=8)
+    assert plan(str(directory), rank=2, targets=("q_proj", "v_proj"), rank_pattern={"*.layers.0.*": 4},
+                batch=1, seq=8) == given
+    model = lk.load_model(directory)[0]
+    lk.inject_(model, config)
+    assert given["lora"]["trainable_parameters"] == lk.parameter_counts(model)[0]
+    default = plan(str(directory), lk.LoraConfig(rank=2), batch=1, seq=8)  # Llama: q_proj, v_proj
+    assert default["lora"]["targets"] == ["q_proj", "v_proj"] == given["lora"]["targets"]
+    assert default["lora"]["trainable_parameters"] < given["lora"]["trainable_parameters"]  # no layers.0 pattern
+
+
+def test_lorakit_plan_takes_every_lora_option(tmp_path, capsys):
+    directory = tiny.causal_lm_dir(tmp_path / "lm")
+    options = ["--rank", "2", "--alpha", "8", "--dropout", "0.1", "--targets", "q_proj,v_proj,up_proj",
+               "--exclude", "layers.1.mlp.up_proj", "--bias", "lora_only", "--init", "gaussian", "--rslora",
+               "--rank-pattern", "v_proj=4", "--alpha-pattern", "*.layers.0.*=16", "--modules-to-save", "model.norm"]
+    assert main(["plan", "--model", str(directory), "--batch", "1", "--seq", "8", *options, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    reference = lk.LoraConfig(rank=2, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj", "up_proj"),
+                              exclude=("layers.1.mlp.up_proj",), bias="lora_only", init="gaussian", rslora=True,
+                              rank_pattern={"v_proj": 4}, alpha_pattern={"*.layers.0.*": 16.0},
+                              modules_to_save=("model.norm",))
+    model = lk.load_model(directory)[0]
+    lk.inject_(model, reference)  # the reference: the same config built directly, injected into the real model
+    assert result["lora"]["trainable_parameters"] == lk.parameter_counts(model)[0]
+    assert result == {**plan(str(directory), reference, batch=1, seq=8), "model": str(directory)}
