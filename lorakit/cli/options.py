@@ -13,11 +13,13 @@ import re
 import textwrap
 import typing
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, TypeVar
 
 from ..core.inject import ADAPTER_NAME
 from ..core.targets import split_names
 from ..errors import LoraError
+
+Config = TypeVar("Config")
 
 
 # --- values --------------------------------------------------------------------------------------------
@@ -96,14 +98,14 @@ OPTION_TYPES: dict[object, tuple[Callable[[str], object], str | None]] = {
     tuple[str, ...]: (names, "NAME,..."),
     tuple[str, ...] | str | None: (names, "NAME,..."),
     Mapping[str, int]: (patterns(int, "q_proj=16,v_proj=4"), "PATTERN=N,..."),
-    Mapping[str, float]: (patterns(float, "'layers.0.*=32'"), "PATTERN=X,..."),
+    Mapping[str, float]: (patterns(float, "'*.layers.0.*=32'"), "PATTERN=X,..."),
 }
 # Options whose value must name something on disk: checked while parsing, so the error names the option.
 PATH_TYPES = {"data": existing_file, "resume": existing_directory, "compare": existing_directory}
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                          group=None) -> None:
+                          group: argparse._ArgumentGroup | None = None) -> None:
     """One option per field of the dataclass `cls` (but `skip`): --field-name, typed, with its metadata's
     help, choices and default; a field holding a dataclass adds that one's options, as a group."""
     group = group or parser
@@ -137,7 +139,7 @@ def _option_settings(cls: type, f: dataclasses.Field, kind) -> dict:
     return settings
 
 
-def config_from_args(cls: type, args: argparse.Namespace):
+def config_from_args(cls: type[Config], args: argparse.Namespace) -> Config:
     """The dataclass `cls` from the options add_dataclass_options made for it; the problems of it and
     of the configs it holds are reported together, in one LoraError."""
     values, errors = {}, []

@@ -47,7 +47,7 @@ class LoraConfig:
         "help": "per-module ranks, PATTERN=RANK,... (patterns like targets; the first match wins), e.g. q_proj=16"})
     alpha_pattern: Mapping[str, float] = field(default_factory=dict, metadata={
         "help": "per-module alphas, PATTERN=ALPHA,... (patterns like targets; the first match wins), e.g. "
-                "'layers.0.*=32'"})
+                "'*.layers.0.*=32'"})
     modules_to_save: tuple[str, ...] = option((), "modules trained in full, one copy per adapter, and saved with it "
                                                   "(e.g. a new classifier head): comma-separated names or globs")
 
