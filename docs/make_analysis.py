@@ -15,16 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 
 from lorakit.analysis.report import AnalyzeConfig
-from lorakit.training.train import TrainConfig, train
+from lorakit.core.config import LoraConfig
+from lorakit.core.targets import split_names
+from lorakit.training.config import TrainConfig
+from lorakit.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 BASES = {
     "minilm": TrainConfig(model="minilm-l6", data=str(ROOT / "data" / "wordnet_supersenses.jsonl"), task="classify",
-                          rank=8, alpha=16, targets=("query", "value"), steps=300, lr=3e-3, warmup=10,
-                          batch_size=32, max_length=48, eval_fraction=0.2, eval_every=100, seed=0),
+                          lora=LoraConfig(rank=8, alpha=16, targets=("query", "value")), steps=300, lr=3e-3,
+                          warmup=10, batch_size=32, max_length=48, eval_fraction=0.2, eval_every=100, seed=0),
     "smollm2": TrainConfig(model="smollm2-135m", data=str(ROOT / "data" / "kjv_sample.txt"), task="causal-lm",
-                           rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=120, lr=2e-3, warmup=6,
-                           batch_size=8, max_length=64, eval_fraction=0.1, eval_every=40, seed=0),
+                           lora=LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj")), steps=120, lr=2e-3,
+                           warmup=6, batch_size=8, max_length=64, eval_fraction=0.1, eval_every=40, seed=0),
 }
 FULL_LR = {"minilm": 5e-5, "smollm2": 5e-5}
 # (report folder, analysed run, compared run, input directions compared: A as in the paper, or dW's own)
@@ -34,15 +37,15 @@ REPORTS = (("ranks", "r8-seed0", "r64-seed0", "A"), ("seeds", "r8-seed0", "r8-se
 
 
 def runs_of(experiment: str) -> dict[str, TrainConfig]:
-    lora = BASES[experiment]
+    r8 = BASES[experiment]
     return {
-        "r8-seed0": lora,
-        "r8-seed1": replace(lora, seed=1),
-        "r64-seed0": replace(lora, rank=64, alpha=8 * lora.alpha),  # the same scale alpha / r = 2
-        "full-seed0": replace(lora, full=True, lr=FULL_LR[experiment]),
+        "r8-seed0": r8,
+        "r8-seed1": replace(r8, seed=1),
+        "r64-seed0": replace(r8, lora=r8.lora.replace(rank=64, alpha=8 * r8.lora.alpha)),  # the same alpha / r = 2
+        "full-seed0": replace(r8, full=True, lr=FULL_LR[experiment]),
         # r8-seed0 as initialised: one step at a negligible learning rate keeps A at its random start
         # (B ~ 0), to see how far training moved A's subspace from where it began
-        "r8-seed0-init": replace(lora, steps=1, lr=1e-12, warmup=0),
+        "r8-seed0-init": replace(r8, steps=1, lr=1e-12, warmup=0),
     }
 
 
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "analysis", help="reports and figures go here")
     parser.add_argument("--retrain", action="store_true", help="train again even if a run's output exists")
     args = parser.parse_args(argv)
-    for experiment in args.experiments.split(","):
+    for experiment in split_names(args.experiments):
         summaries = run_experiment(experiment, args.runs / experiment, args.docs / experiment, args.retrain)
         evals = {name: s.get("last_eval") for name, s in summaries.items()}
         (args.docs / experiment / "runs.json").write_text(json.dumps({"last_eval": evals, "summaries": summaries},

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.training.train import TrainConfig, train
+from lorakit.training.config import TrainConfig
+from lorakit.training.train import train
 from lorakit.zoo import cache_root, load_task_model, load_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -61,7 +62,7 @@ def causal_lm_stage(args) -> tuple[nn.Module, object, Path]:
     header("1. SmolLM2-135M learns King James English (LoRA r=8 on q_proj, v_proj)")
     print(f"(the first run converts the packaged GGUF model once into {cache_root()}: about 20 s)")
     cfg = TrainConfig(model="smollm2-135m", data=str(DATA / "kjv_sample.txt"), task="causal-lm",
-                      out=str(args.out / "kjv"), rank=8, alpha=16, targets=("q_proj", "v_proj"),
+                      out=str(args.out / "kjv"), lora=lk.LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj")),
                       steps=args.lm_steps, lr=2e-3, warmup=4, batch_size=8, max_length=64,
                       eval_fraction=0.1, eval_every=20, seed=0)
     tokenizer = load_tokenizer(cfg.model)
@@ -101,7 +102,8 @@ def report_run(result, metric: str, label: str) -> None:
 def classify_stage(args) -> None:
     header("2. all-MiniLM-L6-v2 classifies WordNet definitions into 6 supersenses")
     cfg = TrainConfig(model="minilm-l6", data=str(DATA / "wordnet_supersenses.jsonl"), task="classify",
-                      out=str(args.out / "supersenses"), rank=8, alpha=16, targets=("query", "value"),
+                      out=str(args.out / "supersenses"),
+                      lora=lk.LoraConfig(rank=8, alpha=16, targets=("query", "value")),
                       steps=args.cls_steps, lr=3e-3, warmup=10, batch_size=32, max_length=48,
                       eval_fraction=0.2, eval_every=50, seed=0)
     result = train(cfg)

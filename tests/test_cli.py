@@ -18,8 +18,11 @@ from safetensors import safe_open
 import lorakit as lk
 import tiny
 from lorakit.cli import main
+from lorakit.cli.options import config_from_args
+from lorakit.cli.parser import build_parser
 from lorakit.serving.inference import prompt_texts
-from lorakit.training.train import TrainConfig
+from lorakit.training.config import TrainConfig
+from lorakit.training.plan import PlanConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAGRAPHS = [
@@ -60,19 +63,72 @@ def test_top_level_help_lists_every_subcommand_with_an_example():
         assert command in out and f"lorakit {command} " in out
 
 
-def test_train_help_has_every_trainconfig_field_with_its_default_and_choices():
-    code, out, _ = run(["train", "--help"])
+def option_fields(cls) -> list[dataclasses.Field]:
+    """The fields that are options: a field holding a config (TrainConfig.lora) stands for that one's fields."""
+    fields = []
+    for f in dataclasses.fields(cls):
+        fields += option_fields(lk.LoraConfig) if f.name == "lora" else [f]
+    return fields
+
+
+@pytest.mark.parametrize("command, cls", [("train", TrainConfig), ("plan", PlanConfig)])
+def test_help_has_every_config_and_loraconfig_field_with_its_help_default_and_choices(command, cls):
+    code, out, _ = run([command, "--help"])
     assert code == 0
-    flat = " ".join(out.split())  # argparse wraps lines
-    for f in dataclasses.fields(TrainConfig):
+    flat = " ".join(out.split())  # argparse wraps lines (also after a hyphen: compare without whitespace)
+    fields = option_fields(cls)
+    assert {f.name for f in dataclasses.fields(lk.LoraConfig)} <= {f.name for f in fields}
+    for f in fields:
         option = "--" + f.name.replace("_", "-")
-        assert option in out
+        assert f"{option} " in out or f"{option}," in out, option
         if f.default is True or f.default is False:
             assert f"--no-{f.name.replace('_', '-')}" in out
-        assert " ".join(f.metadata["help"].split()) in flat
+        assert "".join(f.metadata["help"].split()) in "".join(out.split()), option
         for choice in f.metadata.get("choices", ()):
             assert choice in out
-    assert "(default: q_proj,v_proj)" in flat and "(default: 16.0)" in flat and "(default: on)" in flat
+    assert "LoraConfig options:" in out
+    for shown in ("(default: 8)", "(default: 16.0)", "(default: none)", "(default: off)"):
+        assert shown in flat
+    if command == "train":
+        assert "(default: on)" in flat and "(default: cosine)" in flat
+
+
+LORA_OPTIONS = [  # (options, the LoraConfig fields they give)
+    ([], {}),
+    (["--rank", "4"], {"rank": 4}),
+    (["--alpha", "32"], {"alpha": 32.0}),
+    (["--dropout", "0.05"], {"dropout": 0.05}),
+    (["--targets", "q_proj, v_proj"], {"targets": ("q_proj", "v_proj")}),
+    (["--targets", "all-linear"], {"targets": ("all-linear",)}),
+    (["--exclude", "layers.0.q_proj,lm_head"], {"exclude": ("layers.0.q_proj", "lm_head")}),
+    (["--bias", "lora_only"], {"bias": "lora_only"}),
+    (["--init", "gaussian"], {"init": "gaussian"}),
+    (["--rslora"], {"rslora": True}),
+    (["--rslora", "--no-rslora"], {"rslora": False}),
+    (["--rank-pattern", "q_proj=16,v_proj=4"], {"rank_pattern": {"q_proj": 16, "v_proj": 4}}),
+    (["--alpha-pattern", "*.layers.0.*=32"], {"alpha_pattern": {"*.layers.0.*": 32.0}}),
+    (["--alpha-pattern", "q_proj=8, v_proj = 2.5"], {"alpha_pattern": {"q_proj": 8.0, "v_proj": 2.5}}),
+    (["--modules-to-save", "classifier,score"], {"modules_to_save": ("classifier", "score")}),
+    (["--rank", "2", "--targets", "c_attn", "--rank-pattern", "h.0.*=8", "--modules-to-save", "ln_f"],
+     {"rank": 2, "targets": ("c_attn",), "rank_pattern": {"h.0.*": 8}, "modules_to_save": ("ln_f",)}),
+]
+
+
+@pytest.mark.parametrize("command, cls", [("train", TrainConfig), ("plan", PlanConfig)])
+@pytest.mark.parametrize("options, fields", LORA_OPTIONS, ids=[" ".join(o) or "none" for o, _ in LORA_OPTIONS])
+def test_every_lora_option_parses_to_its_loraconfig_field(command, cls, options, fields):
+    args = build_parser().parse_args([command, *options])
+    config = config_from_args(cls, args)
+    assert config.lora == lk.LoraConfig(**fields)  # the reference: the same config built directly
+    assert config == cls(lora=lk.LoraConfig(**fields))  # and nothing else changed
+    for name, value in fields.items():
+        assert getattr(config.lora, name) == value and type(getattr(config.lora, name)) is type(
+            getattr(lk.LoraConfig(**fields), name))
+
+
+def test_the_lora_options_cover_every_loraconfig_field():
+    covered = {name for _, fields in LORA_OPTIONS for name in fields}
+    assert covered == {f.name for f in dataclasses.fields(lk.LoraConfig)}
 
 
 @pytest.mark.parametrize("command, options", [
@@ -300,10 +356,15 @@ def test_classify_adapter_brings_its_labels_and_head_to_eval(tmp_path):
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in CLASSIFY * 3))
     out = tmp_path / "run"
     ok(["train", "--model", str(model_dir), "--task", "classify", "--data", str(data), "--out", str(out),
-        "--targets", "query,value", "--steps", "4", "--lr", "3e-2", "--batch-size", "4", "--eval-fraction", "0",
-        "--no-progress"])
+        "--steps", "4", "--lr", "3e-2", "--batch-size", "4", "--eval-fraction", "0", "--no-progress"])
     info = json.loads(ok(["inspect", str(out / "adapter"), "--json"]))
     assert info["task"] == "classify" and info["label_names"] == ["land", "lord"]
+    # No --targets: BERT's default targets, its attention's query and value projections.
+    encoder = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    expected = sorted(name for name, _ in encoder.named_modules() if name.endswith((".query", ".value")))
+    assert sorted(info["config"]["targets"]) == ["query", "value"] and info["modules"] == len(expected) == 4
+    lk.load_adapter(encoder, out / "adapter")
+    assert sorted(lk.adapter_paths(encoder, "default")) == expected
     result = json.loads(ok(["eval", "--model", str(model_dir), "--adapter", str(out / "adapter"),
                             "--data", str(data), "--json"]))
     # Reference: transformers builds the classifier from the recorded labels; lorakit loads the adapter into it.
@@ -344,14 +405,42 @@ def test_classify_adapter_brings_its_labels_and_head_to_eval(tmp_path):
     (["generate", "--prompt", "the", "--adapter", "no/such/dir"], "--adapter"),
     (["generate", "--prompt", "the", "--adapter", "sql=no/such/dir"], "--adapter"),
     (["inspect", "no/such/dir"], "ADAPTER"),
+    *[([command, *options], option) for command in ("train", "plan") for options, option in [
+        (["--alpha", "0"], "--alpha=0"),
+        (["--dropout", "1.5"], "--dropout=1.5"),
+        (["--bias", "some"], "--bias"),
+        (["--init", "zeros"], "--init"),
+        (["--targets", ","], "--targets"),
+        (["--targets", "q_prj"], "--targets: 'q_prj' matches no module"),
+        (["--exclude", ""], "--exclude"),
+        (["--modules-to-save", "all-linear"], "--modules-to-save=('all-linear',)"),
+        (["--rank-pattern", "q_proj"], "--rank-pattern: 'q_proj': give comma-separated PATTERN=VALUE pairs"),
+        (["--rank-pattern", "q_proj=1.5"], "--rank-pattern"),
+        (["--rank-pattern", "=4"], "--rank-pattern"),
+        (["--rank-pattern", "q_proj=0"], "--rank-pattern['q_proj']=0: must be a positive integer"),
+        (["--alpha-pattern", "q_proj=x"], "--alpha-pattern"),
+        (["--alpha-pattern", "q_proj=1,q_proj=2"], "--alpha-pattern: 'q_proj' is given twice"),
+        (["--alpha-pattern", "*.layers.0.*=-2"], "--alpha-pattern['*.layers.0.*']=-2.0: must be a positive number"),
+    ]],
 ])
 def test_bad_input_exits_2_with_a_message_naming_the_option(lm, argv, option):
     defaults = {"train": ["--model", str(lm["model"]), "--data", str(lm["data"]), "--no-progress",
                           "--out", str(lm["out"].parent / "never")],
                 "eval": ["--model", str(lm["model"]), "--data", str(lm["data"])],
                 "generate": ["--model", str(lm["model"])],
+                "plan": ["--model", str(lm["model"]), "--batch", "1", "--seq", "8"],
                 "inspect": []}[argv[0]]
     code, out, err = run(argv[:1] + defaults + argv[1:])  # later options win
     assert code == 2, out
     assert option in err and "Traceback" not in err
     assert not (lm["out"].parent / "never").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_lora_and_other_problems_are_reported_together(lm, command):
+    other = ["--steps", "0"] if command == "train" else ["--batch", "0"]
+    code, out, err = run([command, "--model", str(lm["model"]), "--rank", "0", "--dropout", "2", *other])
+    assert code == 2 and not out and "Traceback" not in err
+    for fragment in ("--rank=0: must be a positive integer", "--dropout=2.0: must be a number in [0, 1)",
+                     f"{other[0]}=0: must be a positive integer"):
+        assert fragment in err

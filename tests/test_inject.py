@@ -275,3 +275,16 @@ def test_a_target_that_matches_nothing_suggests_adaptable_leaf_names():
     message = str(info.value)
     assert "'q_proj' matches no module; module names include: dense, key, query, value" in message
     assert "LayerNorm" not in message and ": 0, 1" not in message
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_that_matches_no_adapted_module_is_an_error(field):
+    """A glob matches the whole path: 'layers.0.*' names nothing in a real model, and would be ignored."""
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2))
+    before = snapshot(model)
+    with pytest.raises(lk.LoraError, match=rf"{field}: 'layers.0.\*' matches none of the adapted modules .*'\*.layers.0.\*'"):
+        lk.inject_(model, lk.LoraConfig(targets=("q_proj",), **{field: {"layers.0.*": 4}}))
+    assert same(before, snapshot(model))
+    paths = lk.inject_(model, lk.LoraConfig(targets=("q_proj",), **{field: {"*.layers.0.*": 4}}))
+    assert len(paths) == 2

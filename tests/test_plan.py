@@ -92,12 +92,15 @@ def test_predicted_peak_is_within_20_percent_of_the_measured_one(predicted, mode
     assert abs((expected - weights) - (measured - weights)) <= 0.25 * (measured - weights), (mode, expected, measured)
 
 
-def test_trainable_parameters_and_adapter_file_size_are_exact(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"modules_to_save": ("ln_f",), "bias": "lora_only", "rank_pattern": {"c_proj": 2}}],
+                         ids=["plain", "saved-modules-bias-patterns"])
+def test_trainable_parameters_and_adapter_file_size_are_exact(tmp_path, extra):
+    """plan builds the file's tensors and metadata with save_adapter's own code: exact to the byte."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**SMALL_GPT2))
-    predicted = plan(model, rank=4, targets=("c_attn", "c_proj"), batch=1, seq=8)
+    predicted = plan(model, rank=4, targets=("c_attn", "c_proj"), batch=1, seq=8, **extra)
     assert predicted["full"]["trainable_parameters"] == lk.parameter_counts(model)[0] == predicted["total_parameters"]
-    lk.inject_(model, lk.LoraConfig(rank=4, targets=("c_attn", "c_proj")))
+    lk.inject_(model, lk.LoraConfig(rank=4, targets=("c_attn", "c_proj"), **extra))
     assert predicted["lora"]["trainable_parameters"] == lk.parameter_counts(model)[0]
     written = lk.save_adapter(model, tmp_path / "adapter") / "adapter_model.safetensors"
     assert predicted["lora"]["adapter_file_bytes"] == written.stat().st_size
@@ -115,8 +118,9 @@ def test_from_a_model_directory_without_weights_the_adapter_size_is_close(tmp_pa
 
 
 def test_plan_options_are_validated_together():
-    with pytest.raises(lk.LoraError, match=r"(?s)2 problem.*rank=0.*dtype='int8'"):
-        PlanConfig(rank=0, dtype="int8")
+    with pytest.raises(lk.LoraError, match=r"(?s)3 problem.*batch=0.*lora=\{'rank': 8\}: must be a LoraConfig.*dtype='int8'"):
+        PlanConfig(batch=0, lora={"rank": 8}, dtype="int8")
+    assert PlanConfig().lora == lk.LoraConfig()  # LoraConfig's defaults, as lorakit train's
     with pytest.raises(lk.LoraError, match="targets"):
         plan(GPT2Config(**SMALL_GPT2), rank=8, targets=("no_such_module",), batch=1, seq=8)
 
@@ -132,3 +136,34 @@ def test_lorakit_plan_prints_parameters_size_and_memory(tmp_path, capsys):
     assert result == {**plan(str(directory), rank=2, targets=("q_proj", "v_proj"), batch=2, seq=16), "model": str(directory)}
     assert main(["plan", "--model", str(directory), "--rank", "0"]) == 2
     assert "--rank=0" in capsys.readouterr().err
+
+
+def test_plan_takes_a_loraconfig_or_its_fields_and_defaults_to_the_architectures_targets(tmp_path):
+    directory = tiny.causal_lm_dir(tmp_path / "lm")
+    config = lk.LoraConfig(rank=2, targets=("q_proj", "v_proj"), rank_pattern={"*.layers.0.*": 4})
+    given = plan(str(directory), config, batch=1, seq=8)
+    assert plan(str(directory), rank=2, targets=("q_proj", "v_proj"), rank_pattern={"*.layers.0.*": 4},
+                batch=1, seq=8) == given
+    model = lk.load_model(directory)[0]
+    lk.inject_(model, config)
+    assert given["lora"]["trainable_parameters"] == lk.parameter_counts(model)[0]
+    default = plan(str(directory), lk.LoraConfig(rank=2), batch=1, seq=8)  # Llama: q_proj, v_proj
+    assert default["lora"]["targets"] == ["q_proj", "v_proj"] == given["lora"]["targets"]
+    assert default["lora"]["trainable_parameters"] < given["lora"]["trainable_parameters"]  # no layers.0 pattern
+
+
+def test_lorakit_plan_takes_every_lora_option(tmp_path, capsys):
+    directory = tiny.causal_lm_dir(tmp_path / "lm")
+    options = ["--rank", "2", "--alpha", "8", "--dropout", "0.1", "--targets", "q_proj,v_proj,up_proj",
+               "--exclude", "layers.1.mlp.up_proj", "--bias", "lora_only", "--init", "gaussian", "--rslora",
+               "--rank-pattern", "v_proj=4", "--alpha-pattern", "*.layers.0.*=16", "--modules-to-save", "model.norm"]
+    assert main(["plan", "--model", str(directory), "--batch", "1", "--seq", "8", *options, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    reference = lk.LoraConfig(rank=2, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj", "up_proj"),
+                              exclude=("layers.1.mlp.up_proj",), bias="lora_only", init="gaussian", rslora=True,
+                              rank_pattern={"v_proj": 4}, alpha_pattern={"*.layers.0.*": 16.0},
+                              modules_to_save=("model.norm",))
+    model = lk.load_model(directory)[0]
+    lk.inject_(model, reference)  # the reference: the same config built directly, injected into the real model
+    assert result["lora"]["trainable_parameters"] == lk.parameter_counts(model)[0]
+    assert result == {**plan(str(directory), reference, batch=1, seq=8), "model": str(directory)}

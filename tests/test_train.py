@@ -1,4 +1,5 @@
 """lorakit.training.train: learning, exact resume, DDP equivalence, NaN handling, crash-safe checkpoints."""
+import dataclasses
 import json
 import os
 import shutil
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import lorakit as lk
 import tiny
 from lorakit.training.checkpoint import find_checkpoint, load_checkpoint
-from lorakit.training.train import TrainConfig, train
+from lorakit.training.config import TrainConfig
+from lorakit.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,10 +35,15 @@ def text_file(tmp_path_factory):
     return path
 
 
+LORA_FIELDS = {f.name for f in dataclasses.fields(lk.LoraConfig)}
+
+
 def config(lm_dir, text_file, out, **changes) -> TrainConfig:
-    base = dict(model=str(lm_dir), data=str(text_file), out=str(out), targets=("q_proj", "v_proj"),
+    """A short run; `changes` may name TrainConfig's and LoraConfig's fields alike."""
+    lora = lk.LoraConfig(**{"targets": ("q_proj", "v_proj"), **{k: v for k, v in changes.items() if k in LORA_FIELDS}})
+    base = dict(model=str(lm_dir), data=str(text_file), out=str(out), lora=lora,
                 steps=8, lr=5e-3, batch_size=4, max_length=16, eval_fraction=0.25, progress=False, seed=3)
-    return TrainConfig(**{**base, **changes})
+    return TrainConfig(**{**base, **{k: v for k, v in changes.items() if k not in LORA_FIELDS}})
 
 
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -47,13 +55,16 @@ def log_records(out: Path) -> list[dict]:
 
 
 def test_lora_training_lowers_held_out_loss_and_writes_its_files(lm_dir, text_file, tmp_path):
-    result = train(config(lm_dir, text_file, tmp_path / "run", steps=30, lr=3e-2, alpha=32, targets="all-linear"))
+    cfg = config(lm_dir, text_file, tmp_path / "run", steps=30, lr=3e-2, alpha=32, targets="all-linear")
+    result = train(cfg)
     assert result.last_eval["eval_loss"] < result.first_eval["eval_loss"] - 1.0
     assert 0 < result.trainable < result.total / 2  # tiny model; real ones: see test_real_models
     out = tmp_path / "run"
     assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "log.jsonl", "loss.png", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "lora" and summary["steps"] == 30
+    assert summary["config"]["lora"] == {**lk.LoraConfig().to_dict(), "alpha": 32, "targets": ["all-linear"]}
+    assert TrainConfig.from_dict(summary["config"]) == cfg  # the whole config, LoRA's nested
     assert summary["best_eval"]["eval_loss"] == min(e["eval_loss"] for e in [result.first_eval, result.last_eval])
     steps = [r for r in log_records(out) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 31))
@@ -132,7 +143,8 @@ def test_nan_steps_are_skipped_and_persistent_nan_stops(lm_dir, text_file, tmp_p
 KILLER = """
 import os, signal, sys
 import lorakit.training.checkpoint as checkpoint
-from lorakit.training.train import TrainConfig, train
+from lorakit.training.config import TrainConfig
+from lorakit.training.train import train
 real = checkpoint.save_file
 calls = {"n": 0}
 def dying_save(tensors, path, *args, **kwargs):
@@ -143,7 +155,7 @@ def dying_save(tensors, path, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(tensors, path, *args, **kwargs)
 checkpoint.save_file = dying_save
-train(TrainConfig(**__import__("json").loads(sys.argv[1])))
+train(TrainConfig.from_dict(__import__("json").loads(sys.argv[1])))
 """
 
 
@@ -194,11 +206,40 @@ def test_grad_checkpointing_and_bf16_autocast_run(lm_dir, text_file, tmp_path):
 
 def test_bad_options_are_reported_together():
     with pytest.raises(lk.LoraError) as err:
-        TrainConfig(rank=0, lr=-1.0, schedule="exp", batch_size=6, grad_accum=4, eval_fraction=1.5)
+        TrainConfig(lora={"rank": 8}, steps=0, lr=-1.0, schedule="exp", batch_size=6, grad_accum=4, eval_fraction=1.5)
     message = str(err.value)
-    for fragment in ("rank=0", "lr=-1.0", "schedule='exp'", "grad_accum=4: must divide batch_size=6",
-                     "eval_fraction=1.5"):
+    for fragment in ("6 problem(s)", "lora={'rank': 8}: must be a LoraConfig", "steps=0", "lr=-1.0", "schedule='exp'",
+                     "grad_accum=4: must divide batch_size=6", "eval_fraction=1.5"):
         assert fragment in message
+
+
+def test_the_lora_options_are_a_loraconfig_with_its_defaults():
+    assert TrainConfig().lora == lk.LoraConfig()  # one source of LoRA defaults: targets=None, the architecture's
+    cfg = TrainConfig(lora=lk.LoraConfig(rank=4, rank_pattern={"q_proj": 2}, modules_to_save=("pooler",)))
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_a_classifier_head_joins_the_modules_to_save_given():
+    given = TrainConfig(lora=lk.LoraConfig(modules_to_save=("pooler.dense",)))
+    assert given.adapter_config("classifier") == given.lora.replace(modules_to_save=("pooler.dense", "classifier"))
+    assert given.adapter_config(None) == given.lora  # causal-lm: no head
+    named = TrainConfig(lora=lk.LoraConfig(modules_to_save=("classifier",)))
+    assert named.adapter_config("classifier") == named.lora  # named already: once
+
+
+def test_classify_saves_the_new_head_and_the_modules_to_save_given(tmp_path):
+    model_dir = tiny.encoder_dir(tmp_path / "encoder")
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in
+                            [("the lord said", "lord"), ("the king of the land", "land")] * 4))
+    result = train(TrainConfig(model=str(model_dir), data=str(data), task="classify", out=str(tmp_path / "run"),
+                               lora=lk.LoraConfig(modules_to_save=("pooler.dense",)), steps=2, batch_size=4,
+                               eval_fraction=0.0, progress=False))
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    expected = [name for name, _ in reference.named_modules() if name.endswith("pooler.dense") or name == "classifier"]
+    assert [path for path, _ in lk.saved_modules(result.model)] == expected == ["bert.pooler.dense", "classifier"]
+    saved = adapter_tensors(tmp_path / "run")
+    assert {f"base_model.model.{path}.weight" for path in expected} <= saved.keys()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(lm_dir, text_file, tmp_path):
@@ -210,16 +251,17 @@ def test_resume_without_checkpoint_is_a_clear_error(lm_dir, text_file, tmp_path)
 def test_short_real_run_lowers_held_out_loss(tmp_path):
     """SmolLM2-135M, rank 8 on q_proj/v_proj, a few steps on King James verses."""
     result = train(TrainConfig(model="smollm2-135m", data=str(ROOT / "data" / "kjv_sample.txt"), out=str(tmp_path),
-                               steps=6, lr=2e-3, batch_size=4, max_length=48, eval_fraction=0.05, progress=False))
+                               lora=lk.LoraConfig(targets=("q_proj", "v_proj")), steps=6, lr=2e-3, batch_size=4, max_length=48, eval_fraction=0.05, progress=False))
     assert result.last_eval["eval_loss"] < result.first_eval["eval_loss"] - 0.1
     assert result.trainable / result.total < 0.01
 
 
 @pytest.mark.slow
 def test_short_real_classifier_run_beats_chance(tmp_path):
-    """all-MiniLM-L6-v2 on WordNet supersenses (6 classes): LoRA + a new head, under 1% trainable."""
+    """all-MiniLM-L6-v2 on WordNet supersenses (6 classes): LoRA (on BERT's default targets, query and
+    value) + a new head, under 1% trainable."""
     result = train(TrainConfig(model="minilm-l6", data=str(ROOT / "data" / "wordnet_supersenses.jsonl"),
-                               task="classify", targets=("query", "value"), out=str(tmp_path), steps=40, lr=3e-3,
-                               batch_size=32, max_length=32, eval_fraction=0.1, progress=False))
+                               task="classify", out=str(tmp_path), steps=40, lr=3e-3, batch_size=32, max_length=32,
+                               eval_fraction=0.1, progress=False))
     assert result.last_eval["eval_accuracy"] > 0.6 > 2 * result.first_eval["eval_accuracy"]
     assert result.trainable / result.total < 0.01

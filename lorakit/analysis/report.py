@@ -13,10 +13,12 @@ from tqdm import tqdm
 from .measures import (BASES, DIRECTIONS, Update, adapter_updates, analyze, by_group, model_updates, random_similarity,
                        weight_updates)
 from ..core.config import option
+from ..core.targets import split_names
 from ..errors import LoraError, problems_error
 from ..io.adapter_files import adapter_info, load_adapter
 from ..io.peft import CONFIG_FILE
 from ..io.files import write_text_atomically
+from ..zoo import load_model, load_task_model
 from .figures import plot_similarity, plot_similarity_by_layer, plot_spectra
 
 
@@ -39,7 +41,7 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+            object.__setattr__(self, "targets", split_names(self.targets))
         problems = []
         for name in ("adapter", "compare"):
             value = getattr(self, name)
@@ -76,8 +78,6 @@ def is_model_folder(folder: str | os.PathLike) -> bool:
 
 def load_updates(folder: str, base: str | None, targets: tuple[str, ...] = ()) -> dict[str, Update]:
     """An adapter's updates (with W when `base` is given), or a fine-tuned model's W - W_base."""
-    from ..zoo import load_model, load_task_model
-
     if is_model_folder(folder):
         if base is None:
             raise LoraError(f"adapter={folder!r} is a fine-tuned model folder: give the model it started from with --base")

@@ -17,7 +17,7 @@ INIT_MODES = ("default", "gaussian")
 
 def option(default, help: str, **kw):
     """A field of a config dataclass that is also a command-line option: its help (and choices) are
-    what `lorakit --help` shows (cli.add_dataclass_options)."""
+    what `lorakit --help` shows (cli.options.add_dataclass_options)."""
     return field(default=default, metadata={"help": help, **kw})
 
 @dataclass(frozen=True)
@@ -30,17 +30,26 @@ class LoraConfig:
     are trained in full, one copy per adapter, and saved with it (e.g. a new classifier head).
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] | str | None = None
-    exclude: tuple[str, ...] = ()
-    bias: str = "none"
-    init: str = "default"
-    rslora: bool = False
-    rank_pattern: Mapping[str, int] = field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    modules_to_save: tuple[str, ...] = ()
+    rank: int = option(8, "LoRA rank r: A is r x d_in, B is d_out x r")
+    alpha: float = option(16.0, "LoRA alpha: dW = (alpha / rank) * B @ A")
+    dropout: float = option(0.0, "dropout on the adapter's input (not on the base path)")
+    targets: tuple[str, ...] | str | None = option(
+        None, "modules to adapt: comma-separated names or globs, or all-linear (default: the architecture's "
+              "attention projections, e.g. q_proj,v_proj for Llama, query,value for BERT)")
+    exclude: tuple[str, ...] = option((), "modules to leave out of the targets' matches: comma-separated names "
+                                          "or globs")
+    bias: str = option("none", "biases that train: none, all, or lora_only (those of adapted modules)",
+                       choices=BIAS_MODES)
+    init: str = option("default", "A's initialisation: default (Kaiming-uniform, like nn.Linear) or gaussian "
+                                  "(N(0, 1/rank)); B starts at zero", choices=INIT_MODES)
+    rslora: bool = option(False, "rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank")
+    rank_pattern: Mapping[str, int] = field(default_factory=dict, metadata={
+        "help": "per-module ranks, PATTERN=RANK,... (patterns like targets; the first match wins), e.g. q_proj=16"})
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict, metadata={
+        "help": "per-module alphas, PATTERN=ALPHA,... (patterns like targets; the first match wins), e.g. "
+                "'*.layers.0.*=32'"})
+    modules_to_save: tuple[str, ...] = option((), "modules trained in full, one copy per adapter, and saved with it "
+                                                  "(e.g. a new classifier head): comma-separated names or globs")
 
     def __post_init__(self) -> None:
         # Normalise containers to tuples and read-only mappings, so a frozen config cannot be mutated.

@@ -75,6 +75,7 @@ def resolve(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Mo
         if path in unwrappable:
             problems.append(f"targets: {path!r} belongs to an nn.MultiheadAttention, which reads its weight "
                             "directly instead of calling it, so an adapter there would do nothing; exclude it")
+    problems += _unused_patterns(config, list(chosen))
     saved_problems += _overlap_problems(modules, list(chosen), saved)
     if problems or saved_problems:
         raise problems_error("targets and modules_to_save" if saved_problems else "targets", problems + saved_problems)
@@ -107,6 +108,14 @@ def adaptable_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
             name = path if leaf.isdigit() else leaf
             counts[name] = counts.get(name, 0) + 1
     return sorted(counts, key=lambda leaf: (-counts[leaf], leaf))
+
+
+def _unused_patterns(config: LoraConfig, adapted: list[str]) -> list[str]:
+    """A rank or alpha pattern that names no adapted module would be ignored without a word: say so."""
+    example = adapted[0] if adapted else "?"
+    return [f"{field}: {pattern!r} matches none of the adapted modules (e.g. {example!r}); a glob matches the "
+            f"whole path, as in '*.{pattern}'" for field in ("rank_pattern", "alpha_pattern")
+            for pattern in getattr(config, field) if not any(path_matches(p, pattern) for p in adapted)]
 
 
 def _resolve_saved(modules: list[tuple[str, nn.Module]], config: LoraConfig) -> tuple[list[str], list[str]]:

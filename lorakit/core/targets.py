@@ -1,7 +1,7 @@
 """Target names and the one rule that matches them to module paths; each architecture's default targets.
 
 A target is a module name or glob: it matches a module path if equal, if the path ends with
-'.' + target, or as a glob (`layers.*.q_proj`). 'all-linear' means every linear layer but the
+'.' + target, or as a glob over the whole path (`*.layers.*.q_proj`). 'all-linear' means every linear layer but the
 output head. With no targets given, a model adapts its attention projections, looked up by the
 model type a `transformers` config names (the same table PEFT keeps).
 """

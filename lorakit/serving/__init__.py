@@ -1,1 +1,1 @@
-"""Using trained adapters: loading for inference, generation, merged exports, the adapter cache."""
+"""Using trained adapters: loading for inference, prompts files, generation, merged exports, the adapter cache."""

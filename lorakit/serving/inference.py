@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..training.data import TASKS, padding_id
+from ..training.batches import padding_id
+from ..training.datasets import TASKS
 from ..errors import LoraError
 from ..io.adapter_files import adapter_info, load_adapter
 from ..core.merge import unload_

@@ -1,1 +1,2 @@
-"""Training: the run loop, data, the loss, checkpoints, distributed helpers and the memory planner."""
+"""Training: the run's config, data sets and batches, the loop, the loss, checkpoints, distributed helpers
+and the memory planner."""

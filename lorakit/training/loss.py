@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import IGNORE_INDEX
+
 CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk at most: 256+ rows of a 50k vocabulary, full-speed matmuls
-IGNORE = -100
 
 _POST_PROCESSED: set[type] = set()  # model classes whose logits are not head(hidden) verbatim
 
 
 def summed_causal_lm_loss(model: nn.Module, batch: dict, bf16: bool = False, verify: bool = True) -> torch.Tensor:
-    """Cross-entropy summed over target tokens (labels shifted by one; -100 ignored), by chunks
+    """Cross-entropy summed over target tokens (labels shifted by one; IGNORE_INDEX skipped), by chunks
     where the model's logits are its output head applied to its final hidden states.
 
     verify=False trusts that they are without looking at values (a dry run on fake tensors).
@@ -63,12 +64,12 @@ def _logits(model: nn.Module, batch: dict, bf16: bool) -> torch.Tensor:
 
 def _targets(labels: torch.Tensor) -> torch.Tensor:
     """(B, T): position t predicts token t + 1; the last position predicts nothing."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def _plain_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The reference: one cross-entropy over the whole (B, T, vocab) logits (no shifted copy of them)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), _targets(labels).flatten(), ignore_index=IGNORE,
+    return F.cross_entropy(logits.float().flatten(0, 1), _targets(labels).flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
 
@@ -142,7 +143,7 @@ def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
                          targets: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     """Summed cross-entropy of (rows, d) hidden states; dL/dh written into `grad` if given. Its one
     (rows, V) buffer is freed on return, before the next chunk's is made."""
-    valid = (targets != IGNORE)[:, None]  # (rows, 1)
+    valid = (targets != IGNORE_INDEX)[:, None]  # (rows, 1)
     target = targets.clamp(min=0)[:, None]  # ignored rows point at class 0, then are zeroed
     z = F.linear(hidden, weight, bias).float()  # (rows, V) logits
     picked, top = z.gather(1, target), z.amax(dim=1, keepdim=True)  # (rows, 1) each

@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -32,8 +35,10 @@ from ..core.identity import adapter_config
 from ..core.inject import candidate_modules, inject_
 from ..core.layers import LoraLayer
 from ..errors import LoraError, problems_error
+from ..core.targets import default_targets
 from ..io.adapter_files import adapter_metadata, adapter_tensors
 from ..io.integrity import base_fingerprint
+from ..zoo import model_directory
 from .loss import summed_causal_lm_loss
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -43,76 +48,74 @@ TYPICAL_FINGERPRINT = [-1.2345678901234567e-05, 0.012345678901234567, -0.0123456
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """What to plan. Every field is also a `lorakit plan` option (underscores become dashes)."""
+    """What to plan. Every field is also a `lorakit plan` option (underscores become dashes); `lora`'s
+    fields are options of their own (--rank, --targets, ...), as in `lorakit train`."""
 
     model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
-    rank: int = option(8, "LoRA rank r")
-    targets: tuple[str, ...] = option(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter lorakit train would inject"})
     batch: int = option(8, "examples per forward pass (lorakit train's batch_size / grad_accum / processes)")
     seq: int = option(128, "tokens per example (lorakit train's max_length)")
-    dropout: float = option(0.0, "dropout on the adapter input")
     dtype: str = option("float32", "dtype of the base weights", choices=DTYPES)
     bf16: bool = option(False, "bfloat16 autocast for forward and backward")
     grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
-        problems = [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in ("rank", "batch", "seq")
+        problems = [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in ("batch", "seq")
                     if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
                     or getattr(self, k) < 1]
+        if not isinstance(self.lora, LoraConfig):
+            problems.append(f"lora={self.lora!r}: must be a LoraConfig, e.g. lora=LoraConfig(rank=8)")
         if self.dtype not in DTYPES:
             problems.append(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
         if problems:
             raise problems_error("invalid plan options", problems)
 
     def run(self) -> dict:
-        result = plan(self.model, self.rank, self.targets, self.batch, self.seq, dropout=self.dropout,
-                      dtype=getattr(torch, self.dtype), bf16=self.bf16, grad_checkpointing=self.grad_checkpointing)
+        result = plan(self.model, self.lora, self.batch, self.seq, dtype=getattr(torch, self.dtype), bf16=self.bf16,
+                      grad_checkpointing=self.grad_checkpointing)
         return {**result, "model": self.model}  # the name given, not the folder it resolved to
 
 
-def plan(model_or_config, rank: int = 8, targets=("q_proj", "v_proj"), batch: int = 8, seq: int = 128, *,
-         dropout: float = 0.0, dtype: torch.dtype = torch.float32, bf16: bool = False,
-         grad_checkpointing: bool = False) -> dict:
+def plan(model_or_config, lora: LoraConfig = LoraConfig(), batch: int = 8, seq: int = 128, *,
+         dtype: torch.dtype = torch.float32, bf16: bool = False, grad_checkpointing: bool = False,
+         **lora_fields) -> dict:
     """Trainable parameters, adapter file bytes and predicted peak training memory, LoRA and full.
 
     model_or_config: a bundled name or model directory (str or path), a transformers config, or a
     transformers model (read, never changed; its weights make the adapter size exact to the byte).
-    Returns {"model", "batch", "seq", "total_parameters", "lora": {...}, "full": {...}}; each mode
-    has trainable_parameters and the bytes of weights, gradients, optimizer_states, activations
-    (saved for backward at the end of the forward pass) and peak; "lora" also adapter_file_bytes.
+    lora: the adapter to plan for; `lora_fields` (rank=8, targets=(...), ...) change some of its
+    fields, as `lora.replace(...)` does. Returns {"model", "batch", "seq", "total_parameters",
+    "lora": {...}, "full": {...}}; each mode has trainable_parameters and the bytes of weights,
+    gradients, optimizer_states, activations (saved for backward at the end of the forward pass)
+    and peak; "lora" also adapter_file_bytes and targets (as given, or the architecture's default).
     """
+    if not isinstance(lora, LoraConfig):
+        raise LoraError(f"lora={lora!r}: must be a LoraConfig, e.g. lora=LoraConfig(rank=8)")
     config, weights = _config_of(model_or_config)
-    lora_config = LoraConfig(rank=rank, targets=targets, dropout=dropout)
+    lora_config = lora.replace(**lora_fields) if lora_fields else lora
     step = dict(batch=batch, seq=seq, dtype=dtype, bf16=bf16, grad_checkpointing=grad_checkpointing)
-    lora_model, lora = _dry_run(config, lora_config, **step)
-    lora["adapter_file_bytes"] = _adapter_file_bytes(lora_model, weights)
+    lora_model, lora_result = _dry_run(config, lora_config, **step)
+    lora_result["adapter_file_bytes"] = _adapter_file_bytes(lora_model, weights)
+    lora_result["targets"] = list(lora_config.targets or default_targets(lora_model))
     _, full = _dry_run(config, None, **step)
     return {"model": getattr(config, "_name_or_path", "") or config.model_type, "batch": batch, "seq": seq,
-            "total_parameters": full["trainable_parameters"], "lora": lora, "full": full}
+            "total_parameters": full["trainable_parameters"], "lora": lora_result, "full": full}
 
 
 # --- the model, on fake tensors ------------------------------------------------------------------------
 def _config_of(model_or_config):
     """(transformers config, the real model if one was given)."""
-    import transformers
-
     if isinstance(model_or_config, transformers.PreTrainedModel):
         return model_or_config.config, model_or_config
     if isinstance(model_or_config, transformers.PretrainedConfig):
         return model_or_config, None
     if isinstance(model_or_config, (str, os.PathLike)):
-        from ..zoo import model_directory
-
         return transformers.AutoConfig.from_pretrained(model_directory(model_or_config), local_files_only=True), None
     raise LoraError(f"model={type(model_or_config).__name__}: give a bundled model name, a transformers model "
                     "directory, config or model")
 
 
 def _fake_model(config, dtype: torch.dtype, fake) -> nn.Module:
-    import transformers
-
     with fake:
         try:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -125,15 +128,15 @@ def _fake_model(config, dtype: torch.dtype, fake) -> nn.Module:
 def _dry_run(config, lora_config: LoraConfig | None, batch: int, seq: int, dtype: torch.dtype, bf16: bool,
              grad_checkpointing: bool) -> tuple[nn.Module, dict]:
     """One training step's forward and backward on a fake model; the bytes it would take."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    fake = FakeTensorMode()
+    fake = _FakeMode()
     model = _fake_model(config, dtype, fake)
     with fake:
         if lora_config is None:
             model.requires_grad_(True)
         else:
-            inject_(model, lora_config)
+            with warnings.catch_warnings():  # copying a module to save reads its fake tensors' (absent) data pointer
+                warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+                inject_(model, lora_config)
         if grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -154,6 +157,14 @@ def _dry_run(config, lora_config: LoraConfig | None, batch: int, seq: int, dtype
     return model, {"trainable_parameters": sum(p.numel() for p in trainable), "weights_bytes": weights,
                    "gradient_bytes": gradients, "optimizer_state_bytes": states, "activation_bytes": activations,
                    "peak_bytes": peak}
+
+
+class _FakeMode(FakeTensorMode):
+    """A FakeTensorMode that deep copies of its tensors (a module to save's copy) share: a fake tensor
+    carries its mode, and a copied mode would be a second one, which no op can mix with the first."""
+
+    def __deepcopy__(self, memo: dict) -> "_FakeMode":
+        return self
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -6,7 +6,6 @@ log, evaluate, checkpoint) -> final save, summary, loss curve.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -15,89 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, trainable_weights
-from ..core.config import LoraConfig, option
-from .data import TASKS, BatchStream, collate, load_dataset, padding_id, split_dataset
-from .distributed import World, all_reduce_sum, barrier, close_world, init_world, reduce_gradients
-from ..errors import LoraError, problems_error
-from ..io.files import write_text_atomically
+from ..analysis.figures import plot_loss_curve
 from ..core.inject import inject_
-from ..io.adapter_files import save_adapter
-from .loss import summed_causal_lm_loss
 from ..core.params import parameter_counts
+from ..errors import LoraError
+from ..io.adapter_files import save_adapter
+from ..io.files import write_text_atomically
 from ..zoo import classifier_head, load_task_model, load_tokenizer
+from .batches import BatchStream, collate, padding_id, target_count
+from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, trainable_weights
+from .config import TrainConfig
+from .datasets import load_dataset, split_dataset
+from .distributed import World, all_reduce_sum, barrier, close_world, init_world, reduce_gradients
+from .loss import summed_causal_lm_loss
 
-SCHEDULES = ("constant", "linear", "cosine")
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training run. Every field is also a `lorakit train` option (underscores become dashes)."""
-
-    model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
-    data: str = option("data/kjv_sample.txt", "training data: .txt, JSONL {text} or {prompt,response}; classify: JSONL/CSV {text,label}")
-    task: str = option("causal-lm", "causal-lm or classify", choices=TASKS)
-    out: str = option("out/run", "output folder: adapter/, checkpoints/, log.jsonl, summary.json, loss.png")
-    rank: int = option(8, "LoRA rank r")
-    alpha: float = option(16.0, "LoRA alpha (scale = alpha / rank)")
-    dropout: float = option(0.0, "dropout on the adapter input")
-    targets: tuple[str, ...] = option(("q_proj", "v_proj"), "comma-separated module names/globs, or all-linear")
-    full: bool = option(False, "full fine-tuning of every weight instead of LoRA (same loop, for comparison)")
-    steps: int = option(100, "optimiser steps")
-    lr: float = option(2e-4, "peak learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup: int = option(0, "linear warm-up steps")
-    schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
-    batch_size: int = option(8, "examples per optimiser step, over all processes and accumulation steps")
-    grad_accum: int = option(1, "micro-batches per optimiser step (batch_size must divide evenly)")
-    max_length: int = option(128, "tokens per example (longer texts are split or truncated)")
-    eval_fraction: float = option(0.1, "share of the data held out for evaluation (0: none)")
-    eval_every: int = option(0, "evaluate every N steps (0: only at the start and end)")
-    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
-    seed: int = option(0, "random seed (data order, initialisation, dropout)")
-    clip: float = option(1.0, "gradient-norm clipping (0: off)")
-    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    bf16: bool = option(False, "bfloat16 autocast for forward and backward")
-    max_bad_steps: int = option(5, "stop after this many consecutive steps with NaN/Inf loss or gradients")
-    resume: str | None = option(None, "continue from the latest checkpoint of this run folder")
-    progress: bool = option(True, "show a progress bar")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", tuple(t.strip() for t in self.targets.split(",") if t.strip()))
-        problems = []
-        positive = ("rank", "steps", "batch_size", "grad_accum", "max_length")
-        problems += [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in positive
-                     if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
-        non_negative = ("warmup", "eval_every", "save_every", "keep_checkpoints", "clip", "weight_decay", "max_bad_steps")
-        problems += [f"{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
-        if self.task not in TASKS:
-            problems.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
-        if not 0 <= self.eval_fraction < 1:
-            problems.append(f"eval_fraction={self.eval_fraction!r}: must be in [0, 1)")
-        if not self.lr > 0:
-            problems.append(f"lr={self.lr!r}: must be positive, e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning")
-        if isinstance(self.batch_size, int) and isinstance(self.grad_accum, int) and self.grad_accum >= 1 \
-                and self.batch_size % self.grad_accum:
-            problems.append(f"grad_accum={self.grad_accum}: must divide batch_size={self.batch_size}")
-        if problems:
-            raise problems_error("invalid training options", problems)
-
-    def lora_config(self, modules_to_save: tuple[str, ...] = ()) -> LoraConfig:
-        extra = {"modules_to_save": modules_to_save} if modules_to_save else {}
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets, **extra)
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -158,7 +95,7 @@ class _Run:
             for p in model.parameters():
                 p.requires_grad_(True)
         else:
-            inject_(model, cfg.lora_config(modules_to_save=(self.head,) if self.head else ()))
+            inject_(model, cfg.adapter_config(self.head))
         if cfg.grad_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise LoraError(f"grad_checkpointing: {type(model).__name__} does not support it; drop the option")
@@ -223,7 +160,7 @@ class _Run:
         micro = len(batch) // cfg.grad_accum
         chunks = [collate(batch[i * micro:(i + 1) * micro], self.pad_id) for i in range(cfg.grad_accum)]
         # Loss is a sum over the global batch divided by its size, so processes and micro-batches add up.
-        counts = all_reduce_sum(world, torch.tensor([float(sum(_count(c) for c in chunks))]))
+        counts = all_reduce_sum(world, torch.tensor([float(sum(target_count(c) for c in chunks))]))
         denominator = counts.item()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros(1)
@@ -360,8 +297,6 @@ class _Run:
             "config": self.cfg.to_dict(),
         }
         write_text_atomically(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-        from ..analysis.figures import plot_loss_curve
-
         plot_loss_curve(self.out / LOG_FILE, self.out / "loss.png")
 
 
@@ -391,7 +326,7 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
         batch = collate(examples[start:start + batch_size], pad_id)
         loss, logits = summed_loss(model, batch, task, device, bf16)
         totals[0] += loss.item()
-        totals[1] += _count(batch)
+        totals[1] += target_count(batch)
         if task == "classify":
             totals[2] += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
     model.train(was_training)
@@ -406,17 +341,10 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
     return record
 
 
-def _count(batch: dict) -> int:
-    labels = batch["labels"]
-    return int(labels.numel()) if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
-
-
 def _gather_rng(world: World) -> list[torch.Tensor]:
     state = torch.get_rng_state()
     if world.size == 1:
         return [state]
-    import torch.distributed as dist
-
     states = [torch.empty_like(state) for _ in range(world.size)]
     dist.all_gather(states, state)
     return states
@@ -425,6 +353,6 @@ def _gather_rng(world: World) -> list[torch.Tensor]:
 def _peak_memory(world: World) -> int:
     if world.device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(world.device))
-    import resource
+    import resource  # Unix only: imported where used, so that the module loads elsewhere
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

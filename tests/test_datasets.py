@@ -1,6 +1,6 @@
-"""lorakit.training.data: file formats, loss masks, error messages, splits, batches and the resumable batch order.
+"""lorakit.training.datasets: file formats, loss masks, error messages (file:line) and splits.
 
-The fast tests use a tiny word-level tokenizer built here (no model); the reference for every
+The fast tests use a tiny word-level tokenizer (tests/words.py, no model); the reference for every
 tokenisation is the tokenizer itself, called directly on the text the module should have used.
 """
 from __future__ import annotations
@@ -9,55 +9,21 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import lorakit as lk
+from lorakit.training.batches import IGNORE_INDEX
+from lorakit.training.datasets import TASKS, Dataset, load_dataset, split_dataset
 from lorakit.zoo import cache_root, load_bundled
-from lorakit.training.data import IGNORE_INDEX, TASKS, BatchStream, Dataset, collate, load_dataset, padding_id, split_dataset
+from words import CLASSIFY, SHIFTY_CHAT, WORDS, ids, jsonl, word_tokenizer, write
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-WORDS = "the a cat dog sat on mat hello there say how are you fine thanks big small red".split()
-SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|last|>"]
-# role tag, content, end of turn; the generation prompt opens the assistant's turn
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-# renders the last user turn differently, so the prompt alone is not a prefix of prompt + reply
-SHIFTY_CHAT = ("{% for m in messages %}{% if loop.last and m['role'] == 'user' %}<|last|> <|last|>{% else %}"
-               "<|{{ m['role'] }}|>{% endif %} {{ m['content'] }} </s> {% endfor %}"
-               "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-
-
-def word_tokenizer(words=WORDS, chat_template: str | None = CHAT, pad: bool = True) -> PreTrainedTokenizerFast:
-    """Whitespace words, one id each; <s> before every text (like Llama's BOS)."""
-    vocab = {w: i for i, w in enumerate(SPECIAL + [w for w in words if w not in SPECIAL])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>" if pad else None, additional_special_tokens=SPECIAL[4:])
-    tokenizer.chat_template = chat_template
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     return word_tokenizer()
-
-
-def ids(tokenizer, text: str, special: bool = True) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
-
-
-def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
-    path = tmp_path / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return path
-
-
-def jsonl(*records) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 # --- causal-lm: plain text and {"text"} ---------------------------------------------------------------------
@@ -158,9 +124,6 @@ def test_truncation_keeps_the_prompt_end_and_one_response_token(tmp_path, tokeni
 
 
 # --- classify ------------------------------------------------------------------------------------------------------
-CLASSIFY = [("the cat sat", "pet"), ("a red mat", "thing"), ("the dog", "pet"), ("a big red mat", "thing")]
-
-
 def test_classify_jsonl_and_csv_agree_and_label_names_are_sorted(tmp_path, tokenizer):
     from_jsonl = load_dataset(write(tmp_path, "c.jsonl", jsonl(*({"text": t, "label": l} for t, l in CLASSIFY))),
                               "classify", tokenizer)
@@ -259,7 +222,7 @@ def test_bad_arguments_are_reported_together(tmp_path, tokenizer):
     assert TASKS == ("causal-lm", "classify")
 
 
-# --- split, collate, padding ------------------------------------------------------------------------------------
+# --- split ------------------------------------------------------------------------------------------------------
 def numbered(n: int) -> Dataset:
     return Dataset("classify", [{"input_ids": [i], "label": i % 2} for i in range(n)], ("a", "b"), "numbers")
 
@@ -284,89 +247,6 @@ def test_split_with_zero_fraction_holds_nothing_out_and_never_empties_train():
         split_dataset(numbered(5), 1, seed=0)
     with pytest.raises(lk.LoraError, match=r"has only 1 example\(s\), too few"):
         split_dataset(numbered(1), 0.5, seed=0)
-
-
-def test_collate_right_pads_causal_lm_with_no_loss_on_padding():
-    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    batch = collate(examples, pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert all(t.dtype == torch.long for t in batch.values())
-
-
-def test_collate_classify_gives_one_label_per_example(tmp_path, tokenizer):
-    path = write(tmp_path, "c.jsonl", jsonl(*({"text": t, "label": l} for t, l in CLASSIFY)))
-    ds = load_dataset(path, "classify", tokenizer)
-    batch = collate(ds.examples, padding_id(tokenizer))
-    reference = tokenizer([t for t, _ in CLASSIFY], padding=True, return_tensors="pt")  # right-padded by default
-    assert torch.equal(batch["input_ids"], reference["input_ids"])
-    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
-    assert batch["labels"].tolist() == [0, 1, 0, 1] and batch["labels"].dtype == torch.long
-
-
-def test_collate_rejects_empty_and_mixed_batches():
-    with pytest.raises(lk.LoraError, match="at least one example"):
-        collate([], 0)
-    with pytest.raises(lk.LoraError, match="mix causal-lm"):
-        collate([{"input_ids": [1], "labels": [1]}, {"input_ids": [1], "label": 0}], 0)
-
-
-def test_padding_id_falls_back_to_eos(tokenizer):
-    assert padding_id(tokenizer) == tokenizer.pad_token_id == 0
-    assert padding_id(word_tokenizer(pad=False)) == 3
-    no_tokens = type("NoSpecialTokens", (), {"pad_token_id": None, "eos_token_id": None})()
-    with pytest.raises(lk.LoraError, match="neither a pad token nor an eos token"):
-        padding_id(no_tokens)
-
-
-# --- BatchStream -------------------------------------------------------------------------------------------------
-def reference_batches(n: int, batch_size: int, seed: int, steps: int) -> list[list[int]]:
-    """The epochs' permutations laid end to end, cut into batches."""
-    order: list[int] = []
-    for epoch in range(steps * batch_size // n + 1):
-        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
-
-
-@pytest.mark.parametrize("n, batch_size", [(10, 4), (12, 4), (3, 8)])
-def test_batches_follow_seeded_epoch_permutations_across_epoch_ends(n, batch_size):
-    stream = BatchStream(n, batch_size, seed=7)
-    assert [stream.next_indices() for _ in range(9)] == reference_batches(n, batch_size, seed=7, steps=9)
-    assert stream.state_dict() == {"epoch": 9 * batch_size // n, "position": 9 * batch_size % n}
-
-
-def test_world_size_ranks_together_see_the_single_process_batches():
-    single = BatchStream(10, 6, seed=1)
-    ranks = [BatchStream(10, 6, seed=1, rank=r, world_size=3) for r in range(3)]
-    for _ in range(7):
-        shares = [stream.next_indices() for stream in ranks]
-        assert [len(s) for s in shares] == [2, 2, 2]
-        assert sum(shares, []) == single.next_indices()
-    assert all(stream.state_dict() == single.state_dict() for stream in ranks)
-
-
-def test_a_resumed_stream_continues_exactly(tmp_path):
-    stream = BatchStream(10, 4, seed=2)
-    for _ in range(3):
-        stream.next_indices()
-    (tmp_path / "state.json").write_text(json.dumps(stream.state_dict()))
-    resumed = BatchStream(10, 4, seed=2)
-    resumed.load_state_dict(json.loads((tmp_path / "state.json").read_text()))
-    assert [resumed.next_indices() for _ in range(5)] == [stream.next_indices() for _ in range(5)]
-    assert BatchStream(10, 4, seed=2).next_indices() != resumed.next_indices()  # not a restart from scratch
-
-
-def test_batch_stream_rejects_bad_arguments_and_states():
-    with pytest.raises(lk.LoraError, match=r"batch_size=6: must be a multiple of world_size=4"):
-        BatchStream(10, 6, seed=0, rank=0, world_size=4)
-    with pytest.raises(lk.LoraError, match=r"(?s)n_examples=0.*rank=2: must be an integer in \[0, world_size=2\)"):
-        BatchStream(0, 4, seed=0, rank=2, world_size=2)
-    stream = BatchStream(10, 4, seed=0)
-    for bad in ({"epoch": 0, "position": 10}, {"epoch": -1, "position": 0}, {"epoch": 0}, {"epoch": 1.0, "position": 0}):
-        with pytest.raises(lk.LoraError, match=r"BatchStream state .* from state_dict\(\) of a stream over the same 10"):
-            stream.load_state_dict(bad)
-    assert stream.state_dict() == {"epoch": 0, "position": 0}
 
 
 # --- a real chat template ---------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""TrainConfig: one training run's options, frozen and validated once; every field is a `lorakit train` option."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..core.config import LoraConfig, option
+from ..errors import problems_error
+from .datasets import TASKS
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Every field is also a `lorakit train` option (underscores become dashes);
+    `lora`'s fields are options of their own (--rank, --targets, ...).
+
+        TrainConfig(model="minilm-l6", task="classify", data="data/wordnet_supersenses.jsonl",
+                    lora=LoraConfig(rank=8, targets=("query", "value")))
+    """
+
+    model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    data: str = option("data/kjv_sample.txt", "training data: .txt, JSONL {text} or {prompt,response}; classify: JSONL/CSV {text,label}")
+    task: str = option("causal-lm", "causal-lm or classify", choices=TASKS)
+    out: str = option("out/run", "output folder: adapter/, checkpoints/, log.jsonl, summary.json, loss.png")
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={
+        "help": "the adapter to train (ignored with --full); classify adds the new classifier head to its "
+                "modules_to_save"})
+    full: bool = option(False, "full fine-tuning of every weight instead of LoRA (same loop, for comparison)")
+    steps: int = option(100, "optimiser steps")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup: int = option(0, "linear warm-up steps")
+    schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    batch_size: int = option(8, "examples per optimiser step, over all processes and accumulation steps")
+    grad_accum: int = option(1, "micro-batches per optimiser step (batch_size must divide evenly)")
+    max_length: int = option(128, "tokens per example (longer texts are split or truncated)")
+    eval_fraction: float = option(0.1, "share of the data held out for evaluation (0: none)")
+    eval_every: int = option(0, "evaluate every N steps (0: only at the start and end)")
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    seed: int = option(0, "random seed (data order, initialisation, dropout)")
+    clip: float = option(1.0, "gradient-norm clipping (0: off)")
+    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    bf16: bool = option(False, "bfloat16 autocast for forward and backward")
+    max_bad_steps: int = option(5, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+    resume: str | None = option(None, "continue from the latest checkpoint of this run folder")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise problems_error("invalid training options", problems)
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        if not isinstance(self.lora, LoraConfig):
+            p.append(f"lora={self.lora!r}: must be a LoraConfig, e.g. lora=LoraConfig(rank=8, targets=('q_proj', "
+                     "'v_proj'))")
+        positive = ("steps", "batch_size", "grad_accum", "max_length")
+        p += [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in positive
+              if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        non_negative = ("warmup", "eval_every", "save_every", "keep_checkpoints", "clip", "weight_decay", "max_bad_steps")
+        p += [f"{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
+        if self.task not in TASKS:
+            p.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
+        if self.schedule not in SCHEDULES:
+            p.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.eval_fraction < 1:
+            p.append(f"eval_fraction={self.eval_fraction!r}: must be in [0, 1)")
+        if not self.lr > 0:
+            p.append(f"lr={self.lr!r}: must be positive, e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning")
+        if isinstance(self.batch_size, int) and isinstance(self.grad_accum, int) and self.grad_accum >= 1 \
+                and self.batch_size % self.grad_accum:
+            p.append(f"grad_accum={self.grad_accum}: must divide batch_size={self.batch_size}")
+        return p
+
+    def adapter_config(self, head: str | None) -> LoraConfig:
+        """The LoraConfig to inject: `lora`, with a classifier's new `head` (if any) among its modules to save."""
+        if head is None or head in self.lora.modules_to_save:
+            return self.lora
+        return self.lora.replace(modules_to_save=(*self.lora.modules_to_save, head))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready fields, `lora` as a nested dict (from_dict reads it back)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "lora": self.lora.to_dict()}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "TrainConfig":
+        """The config `to_dict` wrote."""
+        return cls(**{**fields, "lora": LoraConfig(**fields.get("lora", {}))})
