@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .precision import dense_weight, is_quantized
 from .lowrank import (delta_weight, lowrank_conv, lowrank_embedding, lowrank_embedding_routed, lowrank_linear,
                       lowrank_linear_routed)
 
@@ -163,6 +164,7 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """W0 <- round(W0 + dW), dW summed in float32 and rounded once; W0 kept for unmerge."""
+        assert not is_quantized(self.base_layer), "merge_ refuses quantized bases before it gets here"
         weight = self.base_layer.weight
         self.base_backup = weight.detach().clone()
         weight.copy_(self.merged_weight(name))
@@ -182,19 +184,22 @@ class LoraLayer(nn.Module):
             self.base_backup = None
             self.merged_adapter = None
         elif name is not None and self.holds(name):
+            assert not is_quantized(self.base_layer), "unload_ refuses quantized bases before it gets here"
             self.base_layer.weight.copy_(self.merged_weight(name))
         return self.base_layer
 
-    def merged_weight(self, name: str) -> torch.Tensor:
-        """round(W0 + dW): summed in float32 (float64 for a float64 weight), rounded once to W0's dtype."""
-        weight, delta = self.base_layer.weight, self.delta_weight(name).to(self.base_layer.weight.device)
+    def merged_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """round(W0 + dW): summed in float32 (float64 for a float64 weight), rounded once to `dtype`
+        (default: W0's). W0 is the dequantized weight of a quantized base."""
+        weight = self.original_weight
+        delta = self.delta_weight(name).to(weight.device)
         acc = torch.promote_types(weight.dtype, delta.dtype)
-        return (weight.to(acc) + delta.to(acc)).to(weight.dtype)
+        return (weight.to(acc) + delta.to(acc)).to(dtype or weight.dtype)
 
     @property
     def original_weight(self) -> torch.Tensor:
-        """The base weight without any merged adapter."""
-        return self.base_backup if self.merged_adapter is not None else self.base_layer.weight
+        """The base weight without any merged adapter, dense (dequantized for a quantized base)."""
+        return self.base_backup if self.merged_adapter is not None else dense_weight(self.base_layer)
 
     def __getattr__(self, name: str):
         # Let code that reads e.g. `layer.weight` or `layer.in_features` see the base layer.
@@ -220,6 +225,10 @@ class LoraLinear(LoraLayer):
 
     def lowrank(self, x, A, B, scale):
         return lowrank_linear(x, A, B, scale)
+
+    def to_weight_layout(self, delta):
+        # (d_out, d_in) from the layer, not its weight: a quantized weight is stored packed.
+        return delta.reshape(self.base_layer.out_features, self.base_layer.in_features)
 
 
 class LoraConv1D(LoraLayer):

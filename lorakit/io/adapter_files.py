@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,10 +28,11 @@ from ..core.identity import FOLLOWER_TYPES, active_adapter, adapter_config, chec
 from ..core.inject import attach_, base_of, candidate_modules, check_not_merged, new_parts, resolve
 from ..core.layers import LoraAdapter, LoraEmbedding, LoraLayer, layer_class_for
 from ..core.modules_to_save import ModuleToSave
+from ..core.precision import precision_of
 from ..errors import LoraError, problems_error
 from . import peft
 from .files import write_atomically
-from .integrity import base_fingerprint, fingerprint_problems, is_fingerprint, tensor_checksum
+from .integrity import base_fingerprint, fingerprint_problems, is_fingerprint, modules_precision, tensor_checksum
 from .peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
 
 FORMAT_VERSION = "3"  # 3: tensor checksum, config read back; 2: sampled base fingerprint; 1: full fingerprint
@@ -39,7 +41,8 @@ DEFAULT_ADAPTER = "default"
 # lorakit's own metadata keys: save_adapter writes them and refuses them in `metadata`.
 META_VERSION, META_ADAPTER, META_CONFIG = "lorakit_format_version", "lorakit_adapter", "lorakit_config"
 META_FINGERPRINT, META_CHECKSUM = "lorakit_base_fingerprint", "lorakit_checksum"
-RESERVED_KEYS = (META_VERSION, META_ADAPTER, META_CONFIG, META_FINGERPRINT, META_CHECKSUM)
+META_BASE_DTYPE = "lorakit_base_dtype"  # the precision of the base it was trained on (float32 when absent)
+RESERVED_KEYS = (META_VERSION, META_ADAPTER, META_CONFIG, META_FINGERPRINT, META_CHECKSUM, META_BASE_DTYPE)
 
 
 # --- saving ---------------------------------------------------------------------------------------
@@ -57,7 +60,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | 
     tensors, task, written = adapter_tensors(model, modules, adapter)
     layers = {p: m for p, m in modules if isinstance(m, LoraLayer) and m.holds(adapter)}
     fingerprint = base_fingerprint(dict(modules), list(layers))
-    header = {**adapter_metadata(adapter, config, fingerprint, tensor_checksum(tensors)), **extra}
+    header = {**adapter_metadata(adapter, config, fingerprint, tensor_checksum(tensors), precision_of(model)), **extra}
     peft_config = peft.peft_config(model, modules, config, list(layers), layers, task, list(written))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,11 +106,12 @@ def adapter_tensors(model: nn.Module, modules: peft.Modules,
     return tensors, task, written
 
 
-def adapter_metadata(adapter: str, config: LoraConfig, fingerprint: dict, checksum: str) -> dict[str, str]:
+def adapter_metadata(adapter: str, config: LoraConfig, fingerprint: dict, checksum: str,
+                     base_dtype: str) -> dict[str, str]:
     """The safetensors header entries lorakit writes besides PEFT's."""
     return {"format": "pt", META_VERSION: FORMAT_VERSION, META_ADAPTER: adapter,
             META_CONFIG: json.dumps(config.to_dict()), META_FINGERPRINT: json.dumps(fingerprint),
-            META_CHECKSUM: checksum}
+            META_CHECKSUM: checksum, META_BASE_DTYPE: base_dtype}
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -289,7 +293,11 @@ def _check_fingerprint(modules: dict[str, nn.Module], paths: list[str], metadata
     if not is_fingerprint(saved):
         raise LoraError(f"{directory / WEIGHTS_FILE}: metadata {META_FINGERPRINT} is not a fingerprint; "
                         "pass allow_base_mismatch=True to load anyway")
-    bad = fingerprint_problems(saved, base_fingerprint(modules, paths))
+    trained_on, here = metadata.get(META_BASE_DTYPE, "float32"), modules_precision(modules, paths)
+    bad = fingerprint_problems(saved, base_fingerprint(modules, paths), (trained_on, here))
+    if not bad and trained_on != here:
+        warnings.warn(f"{directory}: the adapter was trained on a {trained_on} base and this base is {here}: "
+                      "the same model, but outputs differ from training's by the two precisions' rounding", stacklevel=4)
     if bad:
         raise LoraError(
             f"{directory}: the adapter was trained on different base weights ({len(bad)} module(s) differ, "
@@ -352,6 +360,7 @@ def adapter_info(directory: str | os.PathLike) -> dict:
         "task": metadata.get("lorakit_task"),
         "label_names": _label_names(metadata.get("lorakit_label_names"), weights),
         "base_model": metadata.get("lorakit_base_model") or raw.get("base_model_name_or_path"),
+        "base_dtype": metadata.get(META_BASE_DTYPE),
         "base_fingerprint": hashlib.sha256(fingerprint.encode()).hexdigest()[:12] if fingerprint else None,
     }
 

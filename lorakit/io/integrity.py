@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from ..core.layers import LoraLayer
+from ..core.precision import dense_weight, precision_of
 
 FINGERPRINT_ENTRIES = 4096
+# How far a base in this precision may drift from its float32 original, in units of the weights' RMS:
+# the projection moves by about the quantization error (nf4 ~0.1 RMS on Gaussian weights, int8 ~0.01,
+# bfloat16 ~0.003); another model moves it by about 1.4 RMS.
+TOLERANCE = {"float32": 1e-2, "float16": 1e-2, "bfloat16": 1e-2, "int8": 3e-2, "nf4": 0.3}
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -38,7 +43,7 @@ def base_fingerprint(modules: dict[str, nn.Module], paths: list[str]) -> dict[st
     result = {}
     for path in paths:
         module = modules[path]
-        weight = module.original_weight if isinstance(module, LoraLayer) else module.weight
+        weight = module.original_weight if isinstance(module, LoraLayer) else dense_weight(module)
         w = weight.detach().reshape(-1)
         generator = torch.Generator().manual_seed(0)
         if w.numel() > FINGERPRINT_ENTRIES:
@@ -49,14 +54,16 @@ def base_fingerprint(modules: dict[str, nn.Module], paths: list[str]) -> dict[st
     return result
 
 
-def fingerprint_problems(saved: dict, current: dict) -> list[str]:
-    """Paths whose saved fingerprint differs from the current base's beyond dtype rounding."""
+def fingerprint_problems(saved: dict, current: dict, precisions: tuple[str, ...] = ("float32",)) -> list[str]:
+    """Paths whose saved fingerprint differs from the current base's beyond the rounding of the coarsest
+    of `precisions` (the saved base's and the current one's)."""
     bad = []
+    relative = max(TOLERANCE.get(p, max(TOLERANCE.values())) for p in precisions)
     for path, (mean, rms, proj) in saved.items():
         if path not in current:
             continue
         c_mean, c_rms, c_proj = current[path]
-        tol = 1e-2 * max(rms, c_rms, 1e-12)
+        tol = relative * max(rms, c_rms, 1e-12)
         if abs(mean - c_mean) > tol or abs(rms - c_rms) > tol or abs(proj - c_proj) > tol:
             bad.append(path)
     return bad
@@ -68,3 +75,9 @@ def is_fingerprint(value) -> bool:
         isinstance(k, str) and isinstance(v, list) and len(v) == 3
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
         for k, v in value.items())
+
+
+def modules_precision(modules: dict[str, nn.Module], paths: list[str]) -> str:
+    """The precision of the base under the adapted modules at `paths` (as core.precision.precision_of)."""
+    holder = nn.ModuleList(m.base_layer if isinstance(m, LoraLayer) else m for m in (modules[p] for p in paths))
+    return precision_of(holder)

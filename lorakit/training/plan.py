@@ -218,7 +218,7 @@ def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None) -> int:
     fingerprint = base_fingerprint(dict(candidate_modules(weights)), paths) if weights is not None else \
         {path: TYPICAL_FINGERPRINT for path in paths}
     checksum = "0" * 64  # a sha256 in hex: its length is all the size depends on
-    metadata = adapter_metadata("default", adapter_config(model, "default"), fingerprint, checksum)
+    metadata = adapter_metadata("default", adapter_config(model, "default"), fingerprint, checksum, "float32")
     return _safetensors_bytes({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
 
 
