@@ -1,5 +1,5 @@
-"""What bench/perf.py and bench/mixed_batch.py share: the JSON-lines log, the machine description and
-the profile of one call."""
+"""What the benchmarks share: the JSON-lines log, the machine description, the profile of one call,
+the rotating order of interleaved rounds and torch's thread count for a run."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,9 @@ import os
 import platform
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import transformers
@@ -16,17 +17,47 @@ import transformers
 BENCH = Path(__file__).resolve().parent
 
 
-# --- profiles --------------------------------------------------------------------------------------------------
-def profile(call: Callable, rows: int = 12, python: bool = True, interval: float = 0.0005) -> dict:
-    """torch.profiler's op table (by self CPU time) and, if installed, pyinstrument's Python view."""
+PHASE = "phase: "  # torch.profiler.record_function labels that name a phase of the call, not an op
+
+
+# --- timing and profiles ------------------------------------------------------------------------------------------
+def rotated(names: list[str], round_: int) -> list[str]:
+    """The order of interleaved round `round_`: `names` rotated one place further each round."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` for the block, then set back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def profile(call: Callable, rows: int = 12, python: bool = True, interval: float = 0.0005, memory: bool = False) -> dict:
+    """torch.profiler's op table (by self CPU time) and, if installed, pyinstrument's Python view.
+    memory: also the ops by the memory they allocated and did not free within the op (outputs, saved
+    activations), their call counts, and the total time of each `PHASE` the call marks."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=memory) as prof:
         call()
     averages = prof.key_averages()
-    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    ops = [e for e in averages if not e.key.startswith(PHASE)]
+    top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
     report = {"table": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
               "self_ms": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in top}}
+    if memory:
+        by_memory = sorted(ops, key=lambda e: e.self_cpu_memory_usage, reverse=True)[:rows]
+        report.update(
+            memory_table=averages.table(sort_by="self_cpu_memory_usage", row_limit=rows),
+            calls={e.key: e.count for e in top},
+            self_mb={e.key: round(e.self_cpu_memory_usage / 2**20, 1) for e in by_memory if e.self_cpu_memory_usage > 0},
+            phases_ms={e.key[len(PHASE):]: round(e.cpu_time_total / 1e3, 2) for e in averages if e.key.startswith(PHASE)})
     try:
         from pyinstrument import Profiler
     except ImportError:
@@ -63,7 +94,7 @@ def machine() -> dict:
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-            "memory_gb": _memory_gb(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": _loadavg(),
+            "memory_gb": _memory_gb(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": loadavg(),
             "git": _git_state()}
 
 
@@ -86,7 +117,7 @@ def _memory_gb() -> float | None:
         return None
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

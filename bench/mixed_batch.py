@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ import transformers
 from tqdm import tqdm
 
 import lorakit as lk
-from common import Log, machine, profile
+from common import Log, machine, profile, rotated, torch_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("base", "lorakit", "peft")
@@ -119,11 +119,9 @@ def forwards(base, lorakit_model, peft_model, ids: torch.Tensor, names: list[str
 
 def time_interleaved(calls: dict[str, Callable], repeats: int, warmup: int, bar: tqdm) -> dict[str, list[float]]:
     """Milliseconds per call, `repeats` rounds of every variant; the order rotates each round."""
-    order = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in order}
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
-        shift = round_ % len(order)
-        for name in order[shift:] + order[:shift]:
+        for name in rotated(list(calls), round_):
             start = time.perf_counter()
             calls[name]()
             elapsed = (time.perf_counter() - start) * 1e3
@@ -172,16 +170,11 @@ def _mismatch(what: str, actual: torch.Tensor, expected: torch.Tensor) -> list[s
     return []
 
 
-# --- profile -------------------------------------------------------------------------------------------
 # --- the run ---------------------------------------------------------------------------------------------
 def run(settings: Settings) -> list[dict]:
     """Every (targets, K) case: build, check, time, (profile); returns the summary rows."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         return _run(settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(settings: Settings) -> list[dict]:
@@ -267,7 +260,7 @@ def settings_from(argv: list[str] | None) -> Settings:
     changes = {key: value for key, value in given.items() if value is not None}
     if args.no_profile:
         changes["profile_k"] = None
-    return Settings(**{**asdict(settings), **changes, "label": args.label, "out": args.out})
+    return replace(settings, **changes, label=args.label, out=args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,8 @@ import torch
 
 import lorakit as lk
 import perf_models as pm
-from common import BENCH, Log, _loadavg, machine, profile
 import perf_report
+from common import BENCH, Log, loadavg, machine, profile, rotated, torch_threads
 from perf_load import CLEAN_CPUS, Meter, QuietGate
 from perf_step import VARIANTS as TRAIN_VARIANTS, StepSpec, lockstep
 
@@ -100,33 +100,31 @@ class Op:
     teardown: Callable = lambda: None
 
 
-def time_interleaved(ops: dict[str, Op], repeats: int, gate: QuietGate | None = None) -> Timings:
-    """Milliseconds per call: `repeats` rounds of every op, the order rotating each round; each round
-    waits for a quiet machine first (given a gate) and records the CPUs other work used meanwhile."""
-    order = list(ops)
-    timings = Timings({name: [] for name in order}, [])
-    for round_ in range(repeats):
-        if gate is not None:
-            gate.wait()
-        meter = Meter()
-        shift = round_ % len(order)
-        for name in order[shift:] + order[:shift]:
-            op = ops[name]
-            op.setup()
-            start = time.perf_counter()
-            op.call()
-            timings.ms[name].append((time.perf_counter() - start) * 1e3)
-            op.teardown()
-        timings.others.append(meter.others())
-    return timings
-
-
 @dataclass
 class Timings:
     """ms[name][round], and others[round]: CPUs used by other work during that round."""
 
     ms: dict[str, list[float]]
     others: list[float | None]
+
+
+def time_interleaved(ops: dict[str, Op], repeats: int, gate: QuietGate | None = None) -> Timings:
+    """Milliseconds per call: `repeats` rounds of every op, the order rotating each round; each round
+    waits for a quiet machine first (given a gate) and records the CPUs other work used meanwhile."""
+    timings = Timings({name: [] for name in ops}, [])
+    for round_ in range(repeats):
+        if gate is not None:
+            gate.wait()
+        meter = Meter()
+        for name in rotated(list(ops), round_):
+            ops[name].setup()
+            start = time.perf_counter()
+            ops[name].call()
+            timings.ms[name].append((time.perf_counter() - start) * 1e3)
+            ops[name].teardown()
+        timings.others.append(meter.others())
+    return timings
+
 
 def clean_rounds(others: list[float | None], minimum: int = 3) -> list[int]:
     """Rounds with little other work (all rounds if fewer than `minimum` are clean, or if unknown)."""
@@ -143,11 +141,14 @@ def ratio_stats(values: list[float], references: list[float], others: list[float
             "best": min(values) / min(references), "rounds_used": len(rounds), "rounds": len(values)}
 
 
+def ms_stats(ms: list[float], others: list[float | None]) -> dict[str, float]:
+    """The median over the clean rounds, and the best and worst of all rounds."""
+    return {"median_ms": statistics.median(ms[i] for i in clean_rounds(others)), "min_ms": min(ms), "max_ms": max(ms)}
+
+
 def summarise(timings: Timings, reference: str) -> dict[str, dict]:
-    """Per name: median and best ms (clean rounds), and its ratio_stats to `reference`."""
-    rounds = clean_rounds(timings.others)
-    return {name: {"median_ms": statistics.median(ms[i] for i in rounds), "min_ms": min(ms), "max_ms": max(ms),
-                   **ratio_stats(ms, timings.ms[reference], timings.others)}
+    """Per name: ms_stats, and its ratio_stats to `reference`."""
+    return {name: {**ms_stats(ms, timings.others), **ratio_stats(ms, timings.ms[reference], timings.others)}
             for name, ms in timings.ms.items()}
 
 
@@ -234,48 +235,42 @@ def io_times(base, lorakit_model, peft_model, tmp: Path, settings: Settings,
     peft_model.save_pretrained(peft_dir)
     lk.load_adapter(lorakit_model, lk_dir, adapter="other")  # a second resident adapter to switch to
     peft_model.load_adapter(peft_dir, adapter_name="other")
-    plain = copy.deepcopy(base)
-    holder = {}
-
-    def lk_load():
-        lk.load_adapter(lorakit_model, lk_dir, adapter="new")
-        lk.set_active(lorakit_model, "new")
-
-    def lk_unload():
-        lk.set_active(lorakit_model, "default")
-        lk.delete_adapter(lorakit_model, "new")
-
-    def peft_load():
-        peft_model.load_adapter(peft_dir, adapter_name="new")
-        peft_model.set_adapter("new")
-
-    def peft_unload():
-        peft_model.set_adapter("default")
-        peft_model.delete_adapter("new")
-
-    def lk_cold():
-        lk.load_adapter(plain, lk_dir)
-        lk.set_active(plain, "default")
-
-    def peft_cold():
-        holder["peft"] = peft.PeftModel.from_pretrained(plain, peft_dir)
-
+    plain, cold = copy.deepcopy(base), {}
     ops = {
         "lorakit save": Op(lambda: lk.save_adapter(lorakit_model, tmp / "lk_save")),
         "peft save": Op(lambda: peft_model.save_pretrained(tmp / "peft_save")),
-        "lorakit load": Op(lk_load, teardown=lk_unload),
-        "peft load": Op(peft_load, teardown=peft_unload),
-        "lorakit cold load": Op(lk_cold, teardown=lambda: lk.unload_(plain, merge=False)),
-        "peft cold load": Op(peft_cold, teardown=lambda: holder.pop("peft").unload()),
+        "lorakit load": Op(lambda: _lk_activate(lorakit_model, lk_dir, "new"), teardown=lambda: _lk_drop(lorakit_model, "new")),
+        "peft load": Op(lambda: _peft_activate(peft_model, peft_dir, "new"), teardown=lambda: _peft_drop(peft_model, "new")),
+        "lorakit cold load": Op(lambda: _lk_activate(plain, lk_dir, "default"), teardown=lambda: lk.unload_(plain, merge=False)),
+        "peft cold load": Op(lambda: cold.update(peft=peft.PeftModel.from_pretrained(plain, peft_dir)),
+                             teardown=lambda: cold.pop("peft").unload()),
     }
     files = time_interleaved(ops, settings.io_repeats, gate)
     switches = {"lorakit switch": Op(lambda: _lk_switch(lorakit_model)), "peft switch": Op(lambda: _peft_switch(peft_model))}
     switching = time_interleaved(switches, settings.switch_repeats)
-    lk.set_active(lorakit_model, "default")
-    lk.delete_adapter(lorakit_model, "other")
-    peft_model.set_adapter("default")
-    peft_model.delete_adapter("other")
+    _lk_drop(lorakit_model, "other")
+    _peft_drop(peft_model, "other")
     return files, switching
+
+
+def _lk_activate(model, directory: Path, name: str) -> None:
+    lk.load_adapter(model, directory, adapter=name)
+    lk.set_active(model, name)
+
+
+def _lk_drop(model, name: str) -> None:
+    lk.set_active(model, "default")
+    lk.delete_adapter(model, name)
+
+
+def _peft_activate(model, directory: Path, name: str) -> None:
+    model.load_adapter(directory, adapter_name=name)
+    model.set_adapter(name)
+
+
+def _peft_drop(model, name: str) -> None:
+    model.set_adapter("default")
+    model.delete_adapter(name)
 
 
 def _lk_switch(model) -> None:
@@ -298,37 +293,40 @@ def precision(base, adapter_dirs: dict[str, Path], reference_logits: torch.Tenso
         model = copy.deepcopy(base).to(torch.bfloat16)
         if library == "lorakit":
             lk.load_adapter(model, adapter_dirs[library])
-            merge, unmerge = (lambda m=model: lk.merge_(m)), (lambda m=model: lk.unmerge_(m))
+            state = lorakit_state(model)
         else:
             model = peft.PeftModel.from_pretrained(model, adapter_dirs[library]).eval()
-            merge, unmerge = model.merge_adapter, model.unmerge_adapter
-        weights = pm.adapted_weights(model, library)
-        originals = {path: w.detach().clone() for path, w in weights.items()}
-        with torch.inference_mode():
-            unmerged = model(input_ids=ids).logits.float()
-            merge()
-            merged = model(input_ids=ids).logits.float()
-            unmerge()
-            drift_1 = _drift(weights, originals)
-            cycle_ms = []
-            for _ in range(cycles - 1):  # the check above was cycle 1
-                start = time.perf_counter()
-                merge()
-                unmerge()
-                cycle_ms.append((time.perf_counter() - start) * 1e3)
-        error = (merged - unmerged).abs()
-        results[library] = {
-            "weight_dtype": str(next(iter(weights.values())).dtype),
-            "adapter_dtype": _adapter_dtype(model, library),
+            state = peft_state(model)
+        results[library] = _merge_cycles(model, library, state, reference_logits, ids, cycles)
+        del model, state
+        gc.collect()
+    return results
+
+
+@torch.inference_mode()
+def _merge_cycles(model, library: str, state: Merged, reference_logits: torch.Tensor, ids: torch.Tensor,
+                  cycles: int) -> dict:
+    """One library's bfloat16 model: its logits merged and not, and its weights after 1 and `cycles` cycles."""
+    weights = pm.adapted_weights(model, library)
+    originals = {path: w.detach().clone() for path, w in weights.items()}
+    unmerged = model(input_ids=ids).logits.float()
+    state.set(True)
+    merged = model(input_ids=ids).logits.float()
+    state.set(False)
+    drift_1 = _drift(weights, originals)
+    cycle_ms = []
+    for _ in range(cycles - 1):  # the check above was cycle 1
+        start = time.perf_counter()
+        state.set(True)
+        state.set(False)
+        cycle_ms.append((time.perf_counter() - start) * 1e3)
+    error = (merged - unmerged).abs()
+    return {"weight_dtype": str(next(iter(weights.values())).dtype), "adapter_dtype": _adapter_dtype(model, library),
             "logits_max_abs": error.max().item(), "logits_mean_abs": error.mean().item(),
             "logits_scale": unmerged.abs().max().item(),
             "bf16_vs_fp32_max_abs": (unmerged - reference_logits).abs().max().item(),
             "drift_after_1": drift_1, **_drift_stats(weights, originals, cycles),
-            "cycle_ms": statistics.median(cycle_ms) if cycle_ms else None,
-        }
-        del model, weights, originals
-        gc.collect()
-    return results
+            "cycle_ms": statistics.median(cycle_ms) if cycle_ms else None}
 
 
 def _drift(weights: dict, originals: dict) -> float:
@@ -392,36 +390,26 @@ def training_summary(result: dict, warmup: int) -> dict:
         for metric, key in (("step", "step_ms"), ("cpu", "cpu_ms")):
             values, references = ([by[r, v][key] for r in timed] for v in (a, b))
             ratios[f"{metric} {a}/{b}"] = ratio_stats(values, references, others)
-        ratios[f"memory {a}/{b}"] = {"ratio": variants[a]["peak_rss_mb"] / variants[b]["peak_rss_mb"]}
-        ratios[f"added {a}/{b}"] = {"ratio": variants[a]["added_mb"] / variants[b]["added_mb"]}
-        ratios[f"live {a}/{b}"] = {"ratio": variants[a]["live_peak_mb"] / variants[b]["live_peak_mb"]}
+        for metric, key in (("memory", "peak_rss_mb"), ("added", "added_mb"), ("live", "live_peak_mb")):
+            ratios[f"{metric} {a}/{b}"] = {"ratio": variants[a][key] / variants[b][key]}
     return {"variants": variants, "ratios": ratios, "rounds": len(timed), "rounds_used": len(used),
             "isolated": result["isolated"]}
 
 
-
 def run(settings: Settings, progress: Callable[[str], None] = lambda text: None) -> dict:
     """Every case; returns {"meta", "models": {name: summary}, "profiles": [...]}; records go to settings.out."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        return _run(settings, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(settings: Settings, progress: Callable[[str], None]) -> dict:
     log = Log(settings.out, time.strftime("%Y%m%dT%H%M%S"))
     started = time.perf_counter()
-    meta = {"settings": {**asdict(settings)}, "machine": machine(), "argv": sys.argv, "mode": settings.mode,
-            "label": settings.label}
-    log("meta", **meta)
     models, profiles = {}, []
     gate = QuietGate(budget_s=settings.quiet_budget_s) if settings.quiet_budget_s > 0 else None
-    for case in settings.cases:
-        models[case.model] = measure_case(case, settings, log, progress, profiles, gate)
+    with torch_threads(settings.threads):
+        meta = {"settings": asdict(settings), "machine": machine(), "argv": sys.argv, "mode": settings.mode,
+                "label": settings.label}
+        log("meta", **meta)
+        for case in settings.cases:
+            models[case.model] = measure_case(case, settings, log, progress, profiles, gate)
     meta["seconds"] = time.perf_counter() - started
-    meta["loadavg_end"] = _loadavg()
+    meta["loadavg_end"] = loadavg()
     meta["waited_for_quiet_s"] = gate.waited_s if gate else 0.0
     log("end", seconds=meta["seconds"], loadavg=meta["loadavg_end"], waited_for_quiet_s=meta["waited_for_quiet_s"])
     return {"meta": meta, "run": log.run_id, "models": models, "profiles": profiles}
@@ -485,12 +473,11 @@ def in_process(case: Case, settings: Settings, log: Log, progress: Callable[[str
 
 
 def _paired(timings: Timings) -> dict[str, dict]:
-    """'lorakit X' / 'peft X' pairs: each one's median (clean rounds) and best ms, and lorakit / PEFT."""
-    rounds, out = clean_rounds(timings.others), {}
+    """'lorakit X' / 'peft X' pairs: each one's ms_stats, and lorakit / PEFT."""
+    out = {}
     for name, ms in timings.ms.items():
         library, op = name.split(" ", 1)
-        entry = out.setdefault(op, {})
-        entry[library] = {"median_ms": statistics.median(ms[i] for i in rounds), "min_ms": min(ms), "max_ms": max(ms)}
+        out.setdefault(op, {})[library] = ms_stats(ms, timings.others)
     for op, entry in out.items():
         entry["ratio"] = ratio_stats(timings.ms[f"lorakit {op}"], timings.ms[f"peft {op}"], timings.others)
     return out
@@ -498,16 +485,13 @@ def _paired(timings: Timings) -> dict[str, dict]:
 
 def profile_in_process(case: Case, base, lorakit_model, ids: torch.Tensor, lk_dir: Path, log: Log) -> list[dict]:
     """Where the time goes in lorakit's unmerged forward (vs the base's), save, load-and-activate and merge."""
-    reports = []
-    with torch.inference_mode():
-        for what, model in (("forward, base", base), ("forward, lorakit unmerged", lorakit_model)):
-            reports.append({"model": case.model, "what": what, **profile(lambda m=model: m(input_ids=ids), python=False)})
+    @torch.inference_mode()
+    def forward(model):
+        return model(input_ids=ids)
 
     def load():
-        lk.load_adapter(lorakit_model, lk_dir, adapter="profiled")
-        lk.set_active(lorakit_model, "profiled")
-        lk.set_active(lorakit_model, "default")
-        lk.delete_adapter(lorakit_model, "profiled")
+        _lk_activate(lorakit_model, lk_dir, "profiled")
+        _lk_drop(lorakit_model, "profiled")
 
     @torch.no_grad()
     def merge_unmerge():
@@ -515,10 +499,11 @@ def profile_in_process(case: Case, base, lorakit_model, ids: torch.Tensor, lk_di
         lk.unmerge_(lorakit_model)
 
     with tempfile.TemporaryDirectory() as tmp:
-        reports.append({"model": case.model, "what": "lorakit save",
-                        **profile(lambda: lk.save_adapter(lorakit_model, Path(tmp) / "saved"))})
-    reports.append({"model": case.model, "what": "lorakit load + activate (+ delete)", **profile(load)})
-    reports.append({"model": case.model, "what": "lorakit merge + unmerge", **profile(merge_unmerge)})
+        calls = (("forward, base", lambda: forward(base), False),
+                 ("forward, lorakit unmerged", lambda: forward(lorakit_model), False),
+                 ("lorakit save", lambda: lk.save_adapter(lorakit_model, Path(tmp) / "saved"), True),
+                 ("lorakit load + activate (+ delete)", load, True), ("lorakit merge + unmerge", merge_unmerge, True))
+        reports = [{"model": case.model, "what": what, **profile(call, python=python)} for what, call, python in calls]
     for report in reports:
         log("profile", **report)
     return reports
@@ -564,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(settings, progress)
     result["meta"]["command"] = f"make bench BENCH_ARGS='{' '.join(argv)}'" if argv else "make bench"
-    print(perf_report.console(result))
+    print(perf_report.body(result))
     perf_report.write_outputs(result, settings)
     print(f"records appended to {settings.out} (run {result['run']})")
     checks = all(m["check"]["passed"] for m in result["models"].values())

@@ -39,27 +39,11 @@ def build_base(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     return load_task_model(name, "causal-lm", dtype=dtype).eval()
 
 
-def is_gpt2(model: nn.Module) -> bool:
-    return isinstance(model, transformers.GPT2PreTrainedModel)
-
-
-def lorakit_config(targets: tuple[str, ...], rank: int, alpha: float) -> lk.LoraConfig:
-    return lk.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets)
-
-
-def peft_config(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float):
-    """PEFT's LoraConfig for the same adapter; GPT-2's Conv1D stores its weight transposed."""
-    import peft
-
-    return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
-                           fan_in_fan_out=is_gpt2(model), bias="none")
-
-
 def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float,
                 random_b: bool = False, seed: int = 1) -> nn.Module:
     """Inject a rank-`rank` adapter "default" in place; random_b: B ~ N(0, 0.02) so it changes the output."""
     torch.manual_seed(seed)
-    lk.inject_(model, lorakit_config(targets, rank, alpha))
+    lk.inject_(model, lk.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets))
     if random_b:
         with torch.no_grad():
             for _, layer in lk.lora_layers(model):
@@ -68,10 +52,13 @@ def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
 
 
 def add_peft(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float):
-    """A trainable PEFT LoRA model around `model` (fresh adapter: B = 0)."""
+    """A trainable PEFT LoRA model around `model` (fresh adapter: B = 0), the same adapter as add_lorakit's;
+    GPT-2's Conv1D stores its weight transposed."""
     import peft
 
-    return peft.get_peft_model(model, peft_config(model, targets, rank, alpha))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none",
+                             fan_in_fan_out=isinstance(model, transformers.GPT2PreTrainedModel))
+    return peft.get_peft_model(model, config)
 
 
 def peft_from_lorakit(base: nn.Module, lorakit_model: nn.Module) -> nn.Module:
@@ -100,25 +87,23 @@ def random_ids(model: nn.Module, batch: int, seq: int, seed: int = 1) -> torch.T
 
 
 # --- process memory (Linux /proc) ---------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (kB there), in MB; None off Linux."""
     try:
-        text = Path("/proc/self/status").read_text()
+        found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     except OSError:
         return None
-    found = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    return int(found.group(1)) if found else None
+    return int(found.group(1)) / 1024 if found else None
 
 
 def rss_mb() -> float | None:
     """Resident set size of this process now, MB (None off Linux)."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib / 1024
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float | None:
     """The kernel's high-water mark of this process's RSS (VmHWM) since start or reset_peak_rss()."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib / 1024
+    return _status_mb("VmHWM")
 
 
 def reset_peak_rss() -> bool:

@@ -32,15 +32,9 @@ class Target:
     key: str = "ratio"  # "ratio" (best estimate: "best") or "median_ms" (best estimate: "min_ms")
     exact: bool = False
 
-    def stats(self, summary: dict) -> dict:
-        node = summary
-        for key in self.path:
-            node = node[key]
-        return node
-
     def estimates(self, summary: dict) -> dict[str, float]:
         """{"median": ..., "best": ...} (just one of them where only one was measured)."""
-        stats = self.stats(summary)
+        stats = _at(summary, self.path)
         best = stats.get("best" if self.key == "ratio" else "min_ms")
         label = "median" if self.key in ("ratio", "median_ms") else "value"
         return {label: stats[self.key], **({"best": best} if best is not None else {})}
@@ -52,9 +46,20 @@ class Target:
         if self.exact:
             value = next(iter(estimates.values()))
             return measured, MET if value == self.limit else NOT_MET, "exactly 0" if value == self.limit else f"{value:.3g}"
-        results = {k: v <= self.limit for k, v in estimates.items()}
-        state = MET if all(results.values()) else NOT_MET if not any(results.values()) else INCONCLUSIVE
+        state = _state([v <= self.limit for v in estimates.values()])
         return measured, state, "; ".join(f"{k} {_margin(v, self.limit, self.unit)}" for k, v in estimates.items())
+
+
+def _at(summary: dict, path: tuple[str, ...]) -> dict:
+    """The statistics at `path` in a model's summary."""
+    for key in path:
+        summary = summary[key]
+    return summary
+
+
+def _state(results: list[bool]) -> str:
+    """Met when every estimate meets the goal, not met when none does, inconclusive otherwise."""
+    return MET if all(results) else NOT_MET if not any(results) else INCONCLUSIVE
 
 
 def _margin(value: float, limit: float, unit: str) -> str:
@@ -81,9 +86,8 @@ def merged_verdict(summary: dict) -> tuple[str, str, str]:
     stats = summary["inference"]["lorakit merged"]
     estimates = {"median": stats["ratio"], "best": stats["best"]}
     inside = [abs(v - 1) <= MERGED_TOLERANCE for v in estimates.values()]
-    state = MET if all(inside) else NOT_MET if not any(inside) else INCONCLUSIVE
     measured = "; ".join(f"{v:.3f}x {k}" for k, v in estimates.items())
-    return measured, state, f"within {MERGED_TOLERANCE:.0%} of 1: " + ", ".join(
+    return measured, _state(inside), f"within {MERGED_TOLERANCE:.0%} of 1: " + ", ".join(
         f"{k} {'yes' if ok else 'no'}" for k, ok in zip(estimates, inside))
 
 
@@ -304,10 +308,6 @@ def _load(load) -> str:
     return "/".join(f"{x:.1f}" for x in load) if load else "unknown"
 
 
-def console(result: dict) -> str:
-    return body(result)
-
-
 def section(result: dict, notes: str) -> str:
     plot = "\n\n![ratios](results/perf.png)" if result.get("plot") else ""
     return (f"{HEADING}\n\n`make bench` runs `bench/perf.py`: every record in `bench/results/perf.jsonl`; "
@@ -346,30 +346,37 @@ def write_outputs(result: dict, settings) -> None:
 
 
 # --- the chart ----------------------------------------------------------------------------------------------
+TRAINING = ("training", "ratios")
+CHART = (  # (label, where its statistics are in a model's summary), one bar each
+    ("inference: lorakit unmerged / base", ("inference", "lorakit")),
+    ("inference: lorakit merged / base", ("inference", "lorakit merged")),
+    ("inference: PEFT unmerged / base", ("inference", "peft")),
+    ("inference: PEFT merged / base", ("inference", "peft merged")),
+    ("train step: lorakit / full", (*TRAINING, "step lorakit/full")),
+    ("train step: PEFT / full", (*TRAINING, "step peft/full")),
+    ("train step: lorakit / PEFT", (*TRAINING, "step lorakit/peft")),
+    ("train step: lorakit / floor (no adapter)", (*TRAINING, "step lorakit/floor")),
+    ("train step: lorakit / floor, lorakit's loss", (*TRAINING, "step lorakit/floor-chunked")),
+    ("peak RSS: lorakit / full", (*TRAINING, "memory lorakit/full")),
+    ("peak RSS: lorakit / PEFT", (*TRAINING, "memory lorakit/peft")),
+    ("peak live tensors: lorakit / PEFT", (*TRAINING, "live lorakit/peft")),
+    ("peak RSS: lorakit / floor (no adapter)", (*TRAINING, "memory lorakit/floor")),
+    ("peak RSS: lorakit / floor, lorakit's loss", (*TRAINING, "memory lorakit/floor-chunked")),
+    ("load + activate: lorakit / PEFT", ("io", "load", "ratio")),
+    ("cold load: lorakit / PEFT", ("io", "cold load", "ratio")),
+    ("save: lorakit / PEFT", ("io", "save", "ratio")),
+    ("switch: lorakit / PEFT", ("io", "switch", "ratio")),
+    ("merge: lorakit / PEFT", ("merge", "merge", "ratio")),
+    ("unmerge: lorakit / PEFT", ("merge", "unmerge", "ratio")),
+)
+
+
 def chart_rows(summary: dict) -> list[tuple[str, float, float | None, float | None]]:
-    """(label, median of per-round ratios, ratio of best times or None, target or None) per bar."""
-    inf, tr, io, merge = summary["inference"], summary["training"]["ratios"], summary["io"], summary["merge"]
-    rows = [("inference: lorakit unmerged / base", inf["lorakit"], 1.03),
-            ("inference: lorakit merged / base", inf["lorakit merged"], 1.0),
-            ("inference: PEFT unmerged / base", inf["peft"], None),
-            ("inference: PEFT merged / base", inf["peft merged"], None),
-            ("train step: lorakit / full", tr["step lorakit/full"], 0.65),
-            ("train step: PEFT / full", tr["step peft/full"], None),
-            ("train step: lorakit / PEFT", tr["step lorakit/peft"], 0.90),
-            ("train step: lorakit / floor (no adapter)", tr["step lorakit/floor"], None),
-            ("train step: lorakit / floor, lorakit's loss", tr["step lorakit/floor-chunked"], None),
-            ("peak RSS: lorakit / full", tr["memory lorakit/full"], None),
-            ("peak RSS: lorakit / PEFT", tr["memory lorakit/peft"], 0.85),
-            ("peak live tensors: lorakit / PEFT", tr["live lorakit/peft"], 0.85),
-            ("peak RSS: lorakit / floor (no adapter)", tr["memory lorakit/floor"], None),
-            ("peak RSS: lorakit / floor, lorakit's loss", tr["memory lorakit/floor-chunked"], None),
-            ("load + activate: lorakit / PEFT", io["load"]["ratio"], None),
-            ("cold load: lorakit / PEFT", io["cold load"]["ratio"], None),
-            ("save: lorakit / PEFT", io["save"]["ratio"], None),
-            ("switch: lorakit / PEFT", io["switch"]["ratio"], None),
-            ("merge: lorakit / PEFT", merge["merge"]["ratio"], None),
-            ("unmerge: lorakit / PEFT", merge["unmerge"]["ratio"], None)]
-    return [(label, stats["ratio"], stats.get("best"), target) for label, stats, target in rows]
+    """(label, median of per-round ratios, ratio of best times or None, target or None) per bar; the
+    targets are TARGETS' ratios, and 1 for merged inference (equal to the base)."""
+    limits = {t.path: t.limit for t in TARGETS if t.unit == "x"} | {("inference", "lorakit merged"): 1.0}
+    return [(label, _at(summary, path)["ratio"], _at(summary, path).get("best"), limits.get(path))
+            for label, path in CHART]
 
 
 def plot(result: dict, path: Path) -> None:

@@ -38,15 +38,17 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
+import common
 import perf_models as pm
+from common import BENCH, PHASE, rotated, torch_threads
+from lorakit.training.plan import LiveBytes
 from lorakit.training.train import summed_loss
 from perf_load import Meter, QuietGate
 
-BENCH = Path(__file__).resolve().parent
 CHUNKED_LOSS = ("lorakit", "floor-chunked")  # variants whose loss is lorakit train's (the others: labels=)
 VARIANTS = ("full", "peft", "lorakit", "floor", "floor-chunked")  # floors: the frozen model's own forward + backward,
 # no adapter, with transformers' loss and with lorakit's chunked loss
@@ -118,8 +120,6 @@ class Trainer:
         """One more step with every tensor it creates tracked (lorakit.training.plan's counter): the peak bytes of
         live tensors (activations kept for backward, gradients, temporaries; not the weights or the
         AdamW state made earlier), without the allocator's slack that RSS also holds (MB)."""
-        from lorakit.training.plan import LiveBytes
-
         self.optimizer.zero_grad(set_to_none=True)
         counter = LiveBytes()
         with counter:
@@ -131,41 +131,25 @@ class Trainer:
 
     def stats(self) -> dict:
         """The configuration and its memory so far (MB), then one tracked step's live tensors."""
-        rss = self._rss_stats()
-        return {**rss, **self.live_tensors()}
+        so_far = {**asdict(self.spec), "trainable": sum(p.numel() for p in self.params),
+                  "total": sum(p.numel() for p in self.model.parameters()), "setup_s": self.setup_s,
+                  "rss_before_mb": self.rss_before, "peak_rss_mb": pm.peak_rss_mb() if self.peak_reset else None,
+                  "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {**so_far, **self.live_tensors()}
 
-    def _rss_stats(self) -> dict:
-        return {**asdict(self.spec), "trainable": sum(p.numel() for p in self.params),
-                "total": sum(p.numel() for p in self.model.parameters()), "setup_s": self.setup_s,
-                "rss_before_mb": self.rss_before, "peak_rss_mb": pm.peak_rss_mb() if self.peak_reset else None,
-                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-    def profile(self, rows: int = 12) -> dict:
-        """torch.profiler over one more step: the ops by self CPU time and by memory they allocated
-        (not freed within the op: outputs, saved activations), and each phase's total time."""
-        from torch.profiler import ProfilerActivity, profile, record_function
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def profile(self) -> dict:
+        """torch.profiler over one more step: the ops by self CPU time and by the memory they allocated,
+        and each phase's total time."""
+        def phased_step() -> None:
             self.optimizer.zero_grad(set_to_none=True)
-            with record_function("phase: forward"):
+            with record_function(PHASE + "forward"):
                 loss = self.loss()
-            with record_function("phase: backward"):
+            with record_function(PHASE + "backward"):
                 loss.backward()
-            with record_function("phase: optimizer"):
+            with record_function(PHASE + "optimizer"):
                 self.optimizer.step()
-        averages = prof.key_averages()
-        ops = [e for e in averages if not e.key.startswith("phase: ")]
-        by_time = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-        by_memory = sorted(ops, key=lambda e: e.self_cpu_memory_usage, reverse=True)[:rows]
-        return {
-            "table": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
-            "memory_table": averages.table(sort_by="self_cpu_memory_usage", row_limit=rows),
-            "self_ms": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in by_time},
-            "calls": {e.key: e.count for e in by_time},
-            "self_mb": {e.key: round(e.self_cpu_memory_usage / 2**20, 1) for e in by_memory if e.self_cpu_memory_usage > 0},
-            "phases_ms": {e.key.split(": ")[1]: round(e.cpu_time_total / 1e3, 2) for e in averages
-                          if e.key.startswith("phase: ")},
-        }
+
+        return common.profile(phased_step, python=False, memory=True)
 
 
 def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
@@ -279,30 +263,28 @@ def lockstep(specs: dict[str, StepSpec], rounds: int, isolate: bool = True, prof
     "stats": {variant: stats}, "profiles": {variant: report} (empty unless `profile`), "isolated"}.
     """
     worker = ProcessWorker if isolate else LocalWorker
-    threads = torch.get_num_threads()
     workers = {}
-    try:
-        for variant, spec in specs.items():  # processes build their models side by side
-            workers[variant] = worker(spec)
-        for w in workers.values():
-            w.ready()
-        pids = [w.pid for w in workers.values()]
-        order, steps, others = list(specs), [], []
-        for round_ in range(rounds):
-            if gate is not None:
-                gate.wait(pids)
-            progress(f"round {round_ + 1}/{rounds}")
-            meter = Meter(pids)
-            shift = round_ % len(order)
-            for position, variant in enumerate(order[shift:] + order[:shift]):
-                steps.append({"round": round_, "position": position, "variant": variant, **workers[variant].ask("step")})
-            others.append(meter.others())
-        stats = {variant: w.ask("stats") for variant, w in workers.items()}
-        profiles = {variant: w.ask("profile") for variant, w in workers.items()} if profile else {}
-    finally:
-        for w in workers.values():
-            w.close()
-        torch.set_num_threads(threads)
+    with torch_threads(torch.get_num_threads()):  # a LocalWorker sets the count; it is set back after
+        try:
+            for variant, spec in specs.items():  # processes build their models side by side
+                workers[variant] = worker(spec)
+            for w in workers.values():
+                w.ready()
+            pids = [w.pid for w in workers.values()]
+            steps, others = [], []
+            for round_ in range(rounds):
+                if gate is not None:
+                    gate.wait(pids)
+                progress(f"round {round_ + 1}/{rounds}")
+                meter = Meter(pids)
+                for position, variant in enumerate(rotated(list(specs), round_)):
+                    steps.append({"round": round_, "position": position, "variant": variant, **workers[variant].ask("step")})
+                others.append(meter.others())
+            stats = {variant: w.ask("stats") for variant, w in workers.items()}
+            profiles = {variant: w.ask("profile") for variant, w in workers.items()} if profile else {}
+        finally:
+            for w in workers.values():
+                w.close()
     return {"steps": steps, "others": others, "stats": stats, "profiles": profiles, "isolated": isolate}
 
 

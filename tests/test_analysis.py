@@ -27,6 +27,20 @@ def lowrank_from(values, rows: torch.Tensor) -> torch.Tensor:
     return torch.diag(torch.tensor(values, dtype=torch.float64)) @ rows
 
 
+def reference_phi(first: torch.Tensor, second: torch.Tensor, i: int, j: int) -> float:
+    """The paper's definition, one entry at a time: ||U_i^T V_j||_F^2 / min(i, j), U_i and V_j the top-i and
+    top-j right-singular vectors of the two matrices."""
+    u = torch.linalg.svd(first.double(), full_matrices=False).Vh[:i]
+    v = torch.linalg.svd(second.double(), full_matrices=False).Vh[:j]
+    return torch.linalg.matrix_norm(u @ v.T).item() ** 2 / min(i, j)
+
+
+def assert_phi_is_the_reference(phi: list, first: torch.Tensor, second: torch.Tensor) -> None:
+    for i, row in enumerate(phi, 1):
+        for j, value in enumerate(row, 1):
+            assert value == pytest.approx(reference_phi(first, second, i, j), abs=1e-12), (i, j)
+
+
 # --- subspace similarity ------------------------------------------------------------------------------------------
 def test_identical_subspaces_give_one_everywhere():
     A = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
@@ -63,8 +77,8 @@ def test_random_subspaces_give_the_expected_value():
                                                torch.randn(32, d, generator=generator)) for _ in range(trials)])
     mean = phis.mean(0)
     for i, j in ((1, 1), (8, 8), (1, 32), (8, 32), (4, 16)):
-        expected = an.random_similarity(i, j, d)
-        assert mean[i - 1, j - 1].item() == pytest.approx(expected, rel=0.15), (i, j)
+        assert mean[i - 1, j - 1].item() == pytest.approx(max(i, j) / d, rel=0.15), (i, j)
+    assert an.random_similarity(8, 32, d) == 32 / d  # what the report prints as the chance level
 
 
 def test_subspaces_of_different_spaces_are_refused():
@@ -86,13 +100,18 @@ def test_spectrum_of_a_constructed_update():
     torch.testing.assert_close(an.spectrum(update), torch.tensor([5.0, 3.0, 0.5, 0.1], dtype=torch.float64))
 
 
-def test_effective_rank_counts_equal_directions_and_one_dominant():
+def test_effective_rank_of_known_spectra():
+    """exp(entropy of p = sigma / sum sigma), worked by hand."""
+    # k equal non-zero values: p = 1/k each, entropy ln k, effective rank k; zeros do not count
     assert an.effective_rank(torch.ones(6)) == pytest.approx(6.0)
+    assert an.effective_rank(torch.tensor([3.0, 3.0, 3.0, 0.0, 0.0])) == pytest.approx(3.0)
+    # one non-zero value: p = (1), entropy 0, effective rank 1
     assert an.effective_rank(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(1.0)
-    values = torch.tensor([2.0, 1.0, 1.0])
-    p = values / values.sum()
-    assert an.effective_rank(values) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
-    assert 1 < an.effective_rank(values) < 3
+    # [2, 1, 1]: p = (1/2, 1/4, 1/4), entropy 1/2 ln 2 + 2 (1/4) ln 4 = 3/2 ln 2: 2^(3/2) = 2.8284...
+    assert an.effective_rank(torch.tensor([2.0, 1.0, 1.0])) == pytest.approx(2.8284271247461903)
+    assert an.effective_rank(torch.tensor([8.0, 4.0, 4.0])) == pytest.approx(2.8284271247461903)  # scale-free
+    # [4, 2, 1, 1]: p = (1/2, 1/4, 1/8, 1/8), entropy (1/2 + 2/4 + 2 (3/8)) ln 2 = 7/4 ln 2: 2^(7/4) = 3.3635...
+    assert an.effective_rank(torch.tensor([1.0, 4.0, 1.0, 2.0])) == pytest.approx(3.363585661014858)  # any order
     assert an.effective_rank(torch.zeros(3)) == 0.0
 
 
@@ -209,14 +228,28 @@ def test_analyze_pairs_modules_and_reports_every_measure():
     result = an.analyze(first, second, directions=4)
     entry = next(m for m in result["modules"] if m["path"] == "layers.1.proj")
     assert entry["group"] == "layers.*.proj" and entry["layer"] == 1 and entry["rank"] == 3
-    assert len(entry["spectrum"]) == 3 and entry["energy_rank"] <= 3
-    phi = torch.tensor(entry["similarity"]["phi"], dtype=torch.float64)
-    torch.testing.assert_close(phi, an.subspace_similarity(first["layers.1.proj"].basis, second["layers.1.proj"].basis, 4))
-    assert phi.shape == (3, 4) and entry["similarity"]["dimension"] == 12
+    assert entry["spectrum"] == pytest.approx(torch.linalg.svdvals(first["layers.1.proj"].delta)[:3].tolist())
+    phi = entry["similarity"]["phi"]  # A of rank 3 against the top 4 directions of A of rank 5
+    assert (len(phi), len(phi[0]), entry["similarity"]["dimension"]) == (3, 4, 12)
+    assert_phi_is_the_reference(phi, first["layers.1.proj"].basis, second["layers.1.proj"].basis)
     assert entry["amplification"]["rank"] == 3
     assert json.loads(json.dumps(result)) == result  # plain numbers only
     with pytest.raises(lk.LoraError, match="share no module"):
         an.analyze(first, {"elsewhere": first["embed"]})
+
+
+def test_analyze_reports_the_known_measures_of_a_constructed_update():
+    """dW with singular values (2, 1, 1): effective rank 2^(3/2) (worked above); energies 4, 1, 1 of 6, so
+    90% of it needs all 3 directions and the top one holds 2/3; ||dW||_F = sqrt(6). Compared with
+    itself, every phi(i, j) is 1."""
+    update = lora_update([2.0, 1.0, 1.0])
+    entry = an.analyze({"layers.0.q": update}, {"layers.0.q": update})["modules"][0]
+    assert entry["spectrum"] == pytest.approx([2.0, 1.0, 1.0])
+    assert entry["effective_rank"] == pytest.approx(2.8284271247461903)
+    assert entry["energy_rank"] == 3 and entry["top_share"] == pytest.approx(2 / 3)
+    assert entry["delta_norm"] == pytest.approx(math.sqrt(6))
+    assert (entry["group"], entry["layer"], entry["rank"], entry["shape"]) == ("layers.*.q", 0, 3, [24, 40])
+    assert entry["similarity"]["phi"] == [pytest.approx([1.0] * 3)] * 3
 
 
 # --- lorakit analyze, end to end on a tiny Llama --------------------------------------------------------------------
@@ -311,10 +344,9 @@ def test_analyze_errors_name_the_option(runs, tmp_path, capsys, argv, fragment):
 def test_basis_delta_compares_the_updates_own_directions():
     first, second = an.model_updates(adapted(seed=0)), an.model_updates(adapted(seed=1, rank=5))
     result = an.analyze(first, second, directions=4, basis="delta")
-    entry = next(m for m in result["modules"] if m["path"] == "layers.0.gpt")
-    expected = an.subspace_similarity(first["layers.0.gpt"].delta, second["layers.0.gpt"].delta, (3, 4))
-    torch.testing.assert_close(torch.tensor(entry["similarity"]["phi"], dtype=torch.float64), expected)
-    assert expected.shape == (3, 4)  # dW of rank 3 has 3 directions, however many are asked for
+    phi = next(m for m in result["modules"] if m["path"] == "layers.0.gpt")["similarity"]["phi"]
+    assert (len(phi), len(phi[0])) == (3, 4)  # dW of rank 3 has 3 directions, however many are asked for
+    assert_phi_is_the_reference(phi, first["layers.0.gpt"].delta, second["layers.0.gpt"].delta)
     assert result["basis"] == "delta"
     with pytest.raises(lk.LoraError, match="basis='B'.*A, delta"):
         an.analyze(first, basis="B")

@@ -4,8 +4,10 @@ import dataclasses
 import json
 import math
 import pickle
+from types import MappingProxyType
 
 import pytest
+from torch import nn
 
 import lorakit as lk
 from lorakit.core.targets import path_matches
@@ -62,13 +64,54 @@ def test_defaults_are_valid_and_documented_values():
     assert cfg.targets is None and cfg.exclude == ()  # None: the architecture's default (test_inject)
 
 
-@pytest.mark.parametrize("good", [
-    {"rank": 1}, {"alpha": 0.5}, {"alpha": 3}, {"dropout": 0.0}, {"dropout": 0.999}, {"bias": "all"},
-    {"bias": "lora_only"}, {"init": "gaussian"}, {"rslora": True}, {"targets": "all-linear"},
-    {"targets": ["a", "b.*"]}, {"exclude": "lm_head"}, {"rank_pattern": {"a": 2}, "alpha_pattern": {"b": 0.5}},
-])
-def test_good_values_are_accepted(good):
-    lk.LoraConfig(**good)
+DEFAULTS = dict(rank=8, alpha=16.0, dropout=0.0, targets=None, exclude=(), bias="none", init="default", rslora=False,
+                rank_pattern={}, alpha_pattern={}, modules_to_save=())
+# Per module: (rank, alpha, scale), scale by the paper: alpha / rank, or alpha / sqrt(rank) with rslora.
+PLAIN = {"q_proj": (8, 16.0, 2.0), "b.x": (8, 16.0, 2.0)}
+BOTH = ["q_proj", "b.x"]  # what `adapt` adapts when the config names no targets
+
+
+def adapt(cfg: lk.LoraConfig) -> tuple[list[str], list[str]]:
+    """Inject `cfg` into a small model (targets=None: q_proj and b.x); (adapted paths, trainable biases)."""
+    model = nn.ModuleDict({"q_proj": nn.Linear(4, 4), "b": nn.ModuleDict({"x": nn.Linear(4, 4)}),
+                           "lm_head": nn.Linear(4, 4)})
+    biases = {name: p for name, p in model.named_parameters() if name.endswith("bias")}
+    paths = lk.inject_(model, cfg if cfg.targets else cfg.replace(targets=tuple(BOTH)))
+    return paths, sorted(name for name, p in biases.items() if p.requires_grad)
+
+
+# (given, held: the fields that differ from the defaults, numbers per module, (adapted paths, trainable biases)).
+# dropout and init act inside the layers: test_layers checks what they do.
+GOOD = [
+    ({"rank": 1}, {"rank": 1}, {"q_proj": (1, 16.0, 16.0)}, (BOTH, [])),
+    ({"alpha": 0.5}, {"alpha": 0.5}, {"q_proj": (8, 0.5, 0.0625)}, (BOTH, [])),
+    ({"alpha": 3}, {"alpha": 3}, {"q_proj": (8, 3, 0.375)}, (BOTH, [])),
+    ({"dropout": 0.0}, {}, PLAIN, (BOTH, [])),
+    ({"dropout": 0.999}, {"dropout": 0.999}, PLAIN, (BOTH, [])),
+    ({"bias": "all"}, {"bias": "all"}, PLAIN, (BOTH, ["b.x.bias", "lm_head.bias", "q_proj.bias"])),
+    ({"bias": "lora_only"}, {"bias": "lora_only"}, PLAIN, (BOTH, ["b.x.bias", "q_proj.bias"])),
+    ({"init": "gaussian"}, {"init": "gaussian"}, PLAIN, (BOTH, [])),
+    ({"rslora": True}, {"rslora": True}, {"q_proj": (8, 16.0, 16 / math.sqrt(8))}, (BOTH, [])),  # 5.657, not 2
+    ({"targets": "all-linear"}, {"targets": ("all-linear",)}, PLAIN, (BOTH, [])),  # not the output head
+    ({"targets": ["q_proj", "b.*"]}, {"targets": ("q_proj", "b.*")}, PLAIN, (BOTH, [])),
+    ({"exclude": "b.x"}, {"exclude": ("b.x",)}, PLAIN, (["q_proj"], [])),
+    ({"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"x": 0.5}},
+     {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"x": 0.5}},
+     {"q_proj": (2, 16.0, 8.0), "b.x": (8, 0.5, 0.0625), "lm_head": (8, 16.0, 2.0)}, (BOTH, [])),
+]
+
+
+@pytest.mark.parametrize("given, held, numbers, adapted", GOOD, ids=[str(case[0]) for case in GOOD])
+def test_good_values_are_held_and_take_effect(given, held, numbers, adapted):
+    cfg = lk.LoraConfig(**given)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    assert all(isinstance(fields[name], MappingProxyType) for name in ("rank_pattern", "alpha_pattern"))  # read-only
+    fields.update(rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern))
+    assert fields == {**DEFAULTS, **held}  # tuples, not lists: ("a",) != ["a"]
+    for path, (rank, alpha, scale) in numbers.items():
+        assert (cfg.rank_for(path), cfg.alpha_for(path)) == (rank, alpha), path
+        assert cfg.scale_for(path) == pytest.approx(scale, rel=1e-15), path
+    assert adapt(cfg) == adapted
 
 
 def test_sequences_and_strings_are_normalised_to_tuples():

@@ -100,7 +100,8 @@ def test_resume_equals_uninterrupted_run(lm_dir, text_file, tmp_path, changes):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
-    assert not torch.equal(expected[next(k for k in expected if "lora_B" in k)], torch.zeros(1))
+    moved = [key for key in expected if "lora_B" in key]
+    assert moved and all(torch.count_nonzero(expected[key]) > 0 for key in moved)  # B starts at zero: it trained
 
 
 def test_checkpoint_holds_optimizer_scheduler_rng_and_data_position(lm_dir, text_file, tmp_path):
@@ -110,7 +111,9 @@ def test_checkpoint_holds_optimizer_scheduler_rng_and_data_position(lm_dir, text
     assert state.scheduler["last_epoch"] == 3
     assert state.data["position"] > 0 or state.data["epoch"] > 0
     assert len(state.rng) == 1 and state.rng[0].dtype == torch.uint8
-    assert all(slot["exp_avg"].shape for slot in state.optimizer["state"].values())
+    slots = state.optimizer["state"].values()  # AdamW's moments: one slot per trainable tensor, of its shape
+    assert sorted(s["exp_avg"].shape for s in slots) == sorted(w.shape for w in state.weights.values())
+    assert len(slots) > 0 and all(float(s["step"]) == 3 for s in slots)
     assert find_checkpoint(tmp_path / "run").name == "step-6"
     model = lk.load_model(lm_dir)[0]  # each checkpoint also holds the adapter in PEFT's layout
     lk.load_adapter(model, tmp_path / "run" / "checkpoints" / "step-3" / "adapter")
