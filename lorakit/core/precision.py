@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import problems_error, LoraError
+from ..errors import LoraError, problems_error
+from .config import option
 
 BASE_DTYPES = ("float32", "bfloat16", "float16", "int8", "nf4")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,15 +31,17 @@ class BasePrecision:
     head, nor modules trained in full) and the rest is stored in `compute_dtype`, which the quantized
     layers also compute in."""
 
-    dtype: str = "float32"
-    block_size: int = 64  # nf4: weights per absmax scale
-    double_quant: bool = True  # nf4: quantize the block scales too (QLoRA; about 0.37 bits per weight saved)
-    compute_dtype: str = "bfloat16"
+    base_dtype: str = option("float32", "precision of the frozen base: float types, or int8 (LLM.int8) / nf4 (QLoRA's "
+                             "4-bit NormalFloat) quantized with bitsandbytes", choices=BASE_DTYPES)
+    block_size: int = option(64, "nf4: weights per absmax scale", choices=BLOCK_SIZES)
+    double_quant: bool = option(True, "nf4: quantize the block scales too (QLoRA's double quantization)")
+    compute_dtype: str = option("bfloat16", "int8/nf4: the dtype quantized layers compute in and the rest of the "
+                                "base is stored in", choices=("bfloat16", "float16", "float32"))
 
     def __post_init__(self) -> None:
         p = []
-        if self.dtype not in BASE_DTYPES:
-            p.append(f"base_dtype={self.dtype!r}: must be one of {', '.join(BASE_DTYPES)}")
+        if self.base_dtype not in BASE_DTYPES:
+            p.append(f"base_dtype={self.base_dtype!r}: must be one of {', '.join(BASE_DTYPES)}")
         if self.block_size not in BLOCK_SIZES or isinstance(self.block_size, bool):
             p.append(f"block_size={self.block_size!r}: must be one of {', '.join(map(str, BLOCK_SIZES))}")
         if not isinstance(self.double_quant, bool):
@@ -50,12 +53,12 @@ class BasePrecision:
 
     @property
     def quantized(self) -> bool:
-        return self.dtype in ("int8", "nf4")
+        return self.base_dtype in ("int8", "nf4")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         """The dtype of everything not quantized."""
-        return FLOAT_DTYPES[self.compute_dtype if self.quantized else self.dtype]
+        return FLOAT_DTYPES[self.compute_dtype if self.quantized else self.base_dtype]
 
     def replace(self, **changes) -> "BasePrecision":
         return dataclasses.replace(self, **changes)
@@ -126,7 +129,7 @@ def convert_(model: nn.Module, precision: BasePrecision, keep: tuple[nn.Module, 
     trained in full) and cast the rest to the compute dtype; float precisions cast every floating-point
     parameter and buffer. Modules in `keep` stay as they are. Returns the model.
     """
-    bnb = require_bitsandbytes(precision.dtype) if precision.quantized else None
+    bnb = require_bitsandbytes(precision.base_dtype) if precision.quantized else None
     kept = {id(p) for module in keep for p in list(module.parameters()) + list(module.buffers())}
     for path, module in list(model.named_modules()):
         if bnb is not None and type(module) is nn.Linear and module not in keep:
@@ -145,7 +148,7 @@ def _quantized_linear(bnb, linear: nn.Linear, precision: BasePrecision) -> nn.Mo
     """A frozen bitsandbytes layer computing what `linear` computes, up to quantization error."""
     has_bias, device = linear.bias is not None, linear.weight.device
     weight = linear.weight.data.to(precision.torch_dtype)
-    if precision.dtype == "nf4":
+    if precision.base_dtype == "nf4":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
                                   compute_dtype=precision.torch_dtype, compress_statistics=precision.double_quant,
                                   quant_type="nf4", device="meta")

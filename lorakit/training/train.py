@@ -173,20 +173,7 @@ class _Run:
         grad_norm = self._grad_norm()
         finite = bool(torch.isfinite(total_loss).all()) and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        if finite:
-            self.optimizer.step()
-            self.bad_in_a_row = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_in_a_row += 1
-            self.skipped += 1
-            if world.is_main:
-                tqdm.write(f"step {self.step + 1}: loss or gradients are NaN/Inf; step skipped "
-                           f"({self.bad_in_a_row} in a row)")
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                raise LoraError(f"training diverged: {self.bad_in_a_row} steps in a row had NaN/Inf loss or "
-                                f"gradients (step {self.step + 1}); lower lr={cfg.lr} or raise warmup, or resume "
-                                f"from the last checkpoint in {self.out}")
+        self._update(finite)
         with warnings.catch_warnings():  # a skipped step still advances the schedule, which counts steps, not
             # updates; torch warns when that happens before the first optimizer.step()
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -196,6 +183,22 @@ class _Run:
         tokens = sum(int(c["attention_mask"].sum()) for c in chunks) * world.size
         return {"step": self.step, "loss": total_loss.item(), "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed, "skipped": not finite}
+
+    def _update(self, finite: bool) -> None:
+        """The optimiser step, or, for NaN/Inf loss or gradients, a skipped step (an error after too many)."""
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        if self.world.is_main:
+            tqdm.write(f"step {self.step + 1}: loss or gradients are NaN/Inf; step skipped ({self.bad_in_a_row} in a row)")
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise LoraError(f"training diverged: {self.bad_in_a_row} steps in a row had NaN/Inf loss or gradients "
+                            f"(step {self.step + 1}); lower lr={self.cfg.lr} or raise warmup, or resume from the last "
+                            f"checkpoint in {self.out}")
 
     def _loss(self, batch: dict) -> torch.Tensor:
         return summed_loss(self.model, batch, self.cfg.task, self.world.device, self.cfg.bf16)[0]
