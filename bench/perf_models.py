@@ -34,9 +34,10 @@ def build_base(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     if name in GPT2_SHAPES:
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_SHAPES[name]))
         return model.to(dtype).eval()
+    from lorakit.core.precision import BasePrecision
     from lorakit.zoo import load_task_model
 
-    return load_task_model(name, "causal-lm", dtype=dtype).eval()
+    return load_task_model(name, "causal-lm", base=BasePrecision(base_dtype=str(dtype).removeprefix("torch."))).eval()
 
 
 def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float,

@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.identity import FOLLOWER_TYPES
+from .core.precision import BasePrecision, convert_, from_pretrained_kwargs, precision_of
 from .errors import LoraError
 
+HEADS = ("lm_head", "classifier", "score")  # output heads: never quantized
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 CACHE_STAMP = "lorakit_source.json"  # written last into a cache; names the package it came from
 
@@ -54,7 +57,7 @@ BUNDLED: dict[str, BundledModel] = {
 
 def load_bundled(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """(model, tokenizer) of the bundled model `name`, in eval mode, in `dtype`."""
-    return _load_directory(model_directory(_bundled(name).name), dtype)
+    return _load_directory(model_directory(_bundled(name).name), _dtype_kwargs(dtype))
 
 
 def load_model(model: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object | None]:
@@ -63,7 +66,14 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     A directory is loaded as the class its config.json names (e.g. LlamaForCausalLM); its
     tokenizer is None if the directory holds no tokenizer files.
     """
-    return _load_directory(model_directory(model), dtype)
+    return _load_directory(model_directory(model), _dtype_kwargs(dtype))
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LoraError(f"dtype={dtype!r}: must be a floating torch.dtype, e.g. torch.float32 or torch.bfloat16; "
+                        "for a quantized base use lk.load_base(model, 'nf4')")
+    return {"dtype": dtype}
 
 
 def model_directory(model: str | os.PathLike) -> Path:
@@ -96,27 +106,66 @@ def load_tokenizer(model: str | os.PathLike):
 
 
 def load_task_model(model: str | os.PathLike, task: str, label_names=None,
-                    dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model with the head a task needs: a causal LM, or a sequence classifier whose new head
-    has one output per label name (initialised from torch's global RNG: seed it first)."""
+                    base: BasePrecision = BasePrecision()) -> nn.Module:
+    """The model with the head a task needs, its frozen base stored in `base` precision as it loads: a
+    causal LM, or a sequence classifier whose new head has one output per label name (initialised from
+    torch's global RNG: seed it first). Heads stay unquantized; a classifier's new head stays float32."""
     import transformers
 
     directory = model_directory(model)
+    kwargs = dict(local_files_only=True, **from_pretrained_kwargs(_loadable(base), list(HEADS)))
     if task == "causal-lm":
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     elif task == "classify":
         labels = list(label_names or [])
         if len(labels) < 2:
             raise LoraError(f"label_names={labels!r}: a classifier needs at least two labels")
         loaded = transformers.AutoModelForSequenceClassification.from_pretrained(
-            directory, dtype=dtype, local_files_only=True, num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+            directory, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, **kwargs)
         if loaded.config.pad_token_id is None:
             tokenizer = load_tokenizer(model)
             loaded.config.pad_token_id = tokenizer.pad_token_id
+        head = classifier_head(loaded)
+        loaded.get_submodule(head).float()  # new and trained in full: float32 like the adapters
     else:
         raise LoraError(f"task={task!r}: must be 'causal-lm' or 'classify'")
-    return loaded.eval()
+    return _finish(loaded, base).eval()
+
+
+def load_base(model: nn.Module | str | os.PathLike, base: BasePrecision | str = "float32") -> nn.Module:
+    """A frozen base in precision `base` (a BasePrecision, or one of BASE_DTYPES): a model given is
+    converted in place, layer by layer; a bundled name or directory is loaded, each tensor converted as
+    it arrives. The output head stays unquantized. Adapters are added afterwards (they stay float32)."""
+    base = BasePrecision(base_dtype=base) if isinstance(base, str) else base
+    if not isinstance(model, nn.Module):
+        kwargs = from_pretrained_kwargs(_loadable(base), list(HEADS))
+    return _finish(_load_directory(model_directory(model), kwargs)[0], base)
+    if any(isinstance(m, FOLLOWER_TYPES) for m in model.modules()):
+        raise LoraError("model holds adapters: set the base precision before adding adapters (they stay float32)")
+    heads = tuple(model.get_submodule(name) for name in HEADS if _has(model, name))
+    return convert_(model, base, keep=heads)
+
+
+def _loadable(base: BasePrecision) -> BasePrecision:
+    """What transformers' loader can store directly: nf4 with other than 64-weight blocks loads in the
+    compute dtype and is converted after (_finish)."""
+    return base.replace(base_dtype=base.compute_dtype) if base.base_dtype == "nf4" and base.block_size != 64 else base
+
+
+def _finish(model: nn.Module, base: BasePrecision) -> nn.Module:
+    if precision_of(model) == base.base_dtype or not base.quantized:
+        return model
+    heads = tuple(model.get_submodule(name) for name in HEADS if _has(model, name))
+    return convert_(model, base, keep=heads)
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def classifier_head(model: nn.Module) -> str | None:
@@ -208,15 +257,14 @@ def _build_cache(spec: BundledModel, source: Path, target: Path, stamp: dict) ->
 
 
 # --- loading -------------------------------------------------------------------------------------------
-def _load_directory(directory: Path, dtype: torch.dtype) -> tuple[nn.Module, object | None]:
+def _load_directory(directory: Path, kwargs: dict) -> tuple[nn.Module, object | None]:
+    """(model, tokenizer or None) from a transformers directory; `kwargs` go to from_pretrained."""
     import transformers
 
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise LoraError(f"dtype={dtype!r}: must be a floating torch.dtype, e.g. torch.float32 or torch.bfloat16")
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model = (model_class or transformers.AutoModel).from_pretrained(directory, dtype=dtype, local_files_only=True)
+    model = (model_class or transformers.AutoModel).from_pretrained(directory, local_files_only=True, **kwargs)
     model.eval()
     tokenizer = None
     if any((directory / f).is_file() for f in TOKENIZER_FILES):

@@ -10,6 +10,7 @@ import torch
 
 from ..analysis.measures import by_group
 from ..analysis.report import AnalyzeConfig
+from ..core.precision import BasePrecision
 from ..core.lowrank import lora_scale
 from ..errors import LoraError
 from ..io.adapter_files import adapter_info
@@ -77,7 +78,7 @@ def _size(n: float) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     task, labels = adapter_task(args.adapter, args.task)
     data = load_dataset(args.data, task, load_tokenizer(args.model), args.max_length, labels)
-    loaded = load_for_inference(args.model, args.adapter, task, data.label_names)
+    loaded = load_for_inference(args.model, args.adapter, task, data.label_names, config_from_args(BasePrecision, args))
     device = _device()
     record = evaluate(loaded.model.to(device), data.examples, task, padding_id(loaded.tokenizer),
                       args.batch_size, device)
@@ -99,7 +100,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return _generate_per_row(args, named)
     # No adapter or one for every prompt: rows of --prompts may not name adapters.
     prompts = [args.prompt] if args.prompts is None else [r["prompt"] for r in load_prompts(args.prompts, ())]
-    loaded = load_for_inference(args.model, single)
+    loaded = load_for_inference(args.model, single, base=config_from_args(BasePrecision, args))
     if loaded.task != "causal-lm":
         raise LoraError(f"adapter={single!r} was trained for {loaded.task!r}, which does not generate "
                         "text; use lorakit eval for a classifier")
@@ -138,7 +139,7 @@ def _generate_per_row(args: argparse.Namespace, named: dict[str, str]) -> int:
                             "text; use lorakit eval for a classifier")
     records = load_prompts(args.prompts, named)
     prompts, names = [r["prompt"] for r in records], [r["adapter"] for r in records]
-    loaded = load_for_inference(args.model, task="causal-lm")
+    loaded = load_for_inference(args.model, task="causal-lm", base=config_from_args(BasePrecision, args))
     model = loaded.model.to(_device())
     cache = AdapterCache(model, capacity=max(1, len({n for n in names if n is not None})))
     cache.register_many(named)  # loads nothing: the batch loads the adapters the rows use
@@ -164,8 +165,14 @@ def _print_completions(args, prompts: list[str], adapters: list[str | None], com
 
 # --- merge -----------------------------------------------------------------------------------------------
 def run_merge(args: argparse.Namespace) -> int:
-    out = merge_to_folder(args.model, args.adapter, args.out, getattr(torch, args.dtype), args.force)
-    print(f"merged {args.adapter} into {args.model}: {out} ({_size(_folder_bytes(out))}, {args.dtype})")
+    base = config_from_args(BasePrecision, args)
+    out, report = merge_to_folder(args.model, args.adapter, args.out, getattr(torch, args.dtype), args.force, base,
+                                  args.requantize)
+    print(f"merged {args.adapter} into {args.model} ({base.base_dtype} base): {out} "
+          f"({_size(_folder_bytes(out))}, {args.dtype})")
+    if report is not None:
+        print(f"re-quantized to {report['base_dtype']}: {report['layers']} layers, relative weight error "
+              f"{report['mean_relative_error']:.2%} mean, {report['max_relative_error']:.2%} max")
     architecture = (json.loads((out / "config.json").read_text()).get("architectures") or ["AutoModel"])[0]
     print(f"load it without lorakit: transformers.{architecture}.from_pretrained({str(out)!r})")
     return 0

@@ -10,6 +10,7 @@ import dataclasses
 
 from .. import __version__
 from ..analysis.report import AnalyzeConfig
+from ..core.precision import BasePrecision
 from ..training.config import TrainConfig
 from ..training.datasets import TASKS
 from ..training.plan import PlanConfig
@@ -110,7 +111,11 @@ def _merge_options(merge: argparse.ArgumentParser) -> None:
     _model_options(merge, adapter_required=True)
     merge.add_argument("--out", required=True, help="folder to write (from_pretrained loads it without lorakit)")
     merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                       help="dtype of the saved weights; the merge itself runs in float32 (default: %(default)s)")
+                       help="dtype of the saved weights: round(W0 + dW), summed in float32 and rounded once; "
+                            "W0 dequantized on an int8/nf4 base (default: %(default)s)")
+    merge.add_argument("--requantize", action="store_true",
+                       help="int8/nf4 base: round the merged weights to what --base-dtype stores (saved dense, "
+                            "so they load back into it unchanged) and print the measured error that costs")
     merge.add_argument("--force", action="store_true", help="replace --out if it already holds files")
 
 
@@ -118,6 +123,8 @@ def _model_options(parser: argparse.ArgumentParser, adapter_required: bool = Fal
                    named_adapters: bool = False) -> None:
     parser.add_argument("--model", required=True,
                         help="bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    base = parser.add_argument_group("BasePrecision options", "how the frozen base is stored while it runs")
+    add_dataclass_options(parser, BasePrecision, group=base)
     if named_adapters:
         parser.add_argument("--adapter", action="append", type=adapter_option, metavar="DIR|NAME=DIR",
                             help="DIR: one adapter folder for every prompt; NAME=DIR (repeatable): an adapter "

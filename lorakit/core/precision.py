@@ -131,9 +131,11 @@ def convert_(model: nn.Module, precision: BasePrecision, keep: tuple[nn.Module, 
     """
     bnb = require_bitsandbytes(precision.base_dtype) if precision.quantized else None
     kept = {id(p) for module in keep for p in list(module.parameters()) + list(module.buffers())}
+    kept_modules = {id(m) for module in keep for m in module.modules()}
     for path, module in list(model.named_modules()):
-        if bnb is not None and type(module) is nn.Linear and module not in keep:
-            model.set_submodule(path, _quantized_linear(bnb, module, precision))
+        weight = _linear_weight(module) if bnb is not None and id(module) not in kept_modules else None
+        if weight is not None:
+            model.set_submodule(path, _quantized_linear(bnb, module, weight, precision))
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.is_floating_point() and id(tensor) not in kept and not _is_quantized_tensor(tensor):
             tensor.data = tensor.data.to(precision.torch_dtype)
@@ -144,21 +146,74 @@ def _is_quantized_tensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ in ("Params4bit", "Int8Params")
 
 
-def _quantized_linear(bnb, linear: nn.Linear, precision: BasePrecision) -> nn.Module:
-    """A frozen bitsandbytes layer computing what `linear` computes, up to quantization error."""
-    has_bias, device = linear.bias is not None, linear.weight.device
-    weight = linear.weight.data.to(precision.torch_dtype)
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (out, in) weight of a linear layer lorakit quantizes: nn.Linear, or transformers' Conv1D (GPT-2),
+    which stores it transposed; None for anything else."""
+    if type(module) is nn.Linear:
+        return module.weight.data
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return module.weight.data.t()
+    return None
+
+
+def _quantized_linear(bnb, linear: nn.Module, weight: torch.Tensor, precision: BasePrecision) -> nn.Module:
+    """A frozen bitsandbytes layer computing what `linear` (weight (out, in)) computes, up to quantization error."""
+    has_bias, device = linear.bias is not None, weight.device
+    out_features, in_features = weight.shape
+    weight = weight.to(precision.torch_dtype).contiguous()
     if precision.base_dtype == "nf4":
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias,
                                   compute_dtype=precision.torch_dtype, compress_statistics=precision.double_quant,
                                   quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                          blocksize=precision.block_size,
                                          compress_statistics=precision.double_quant).to(device)
     else:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias,
                                     has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.to(precision.torch_dtype), requires_grad=False)
     return layer.train(linear.training)
+
+
+def from_pretrained_kwargs(precision: BasePrecision, keep: list[str]) -> dict:
+    """Keyword arguments for transformers' `from_pretrained` that store the base in `precision` as it
+    loads, tensor by tensor (bitsandbytes quantizes each linear weight as it arrives), never holding
+    the whole model in float32. `keep` names modules left unquantized (output and classifier heads).
+
+    transformers' loader quantizes with 64-weight blocks; for another block size, load in the compute
+    dtype and convert_ (the base is then held once in that dtype while it converts).
+    """
+    if not precision.quantized:
+        return {"dtype": precision.torch_dtype}
+    require_bitsandbytes(precision.base_dtype)
+    import transformers
+
+    nf4 = precision.base_dtype == "nf4"
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=nf4, load_in_8bit=not nf4, bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=precision.double_quant, bnb_4bit_compute_dtype=precision.torch_dtype,
+        llm_int8_skip_modules=list(keep))
+    return {"dtype": precision.torch_dtype, "quantization_config": config}
+
+
+@torch.no_grad()
+def requantize_(model: nn.Module, precision: BasePrecision, keep: tuple[str, ...] = ()) -> dict:
+    """Round every linear weight of a dense model (but modules named in `keep`) to what `precision` can
+    store: quantize, then dequantize in place, so the weights stay dense and load back into `precision`
+    unchanged. Returns the measured cost: each layer's ||W_requantized - W|| / ||W||, mean and max."""
+    bnb = require_bitsandbytes(precision.base_dtype)
+    errors = []
+    for path, module in list(model.named_modules()):
+        weight = _linear_weight(module)
+        if weight is None or any(path == k or path.endswith("." + k) for k in keep):
+            continue
+        layer = _quantized_linear(bnb, module, weight, precision)
+        rounded = dense_weight(layer).to(weight.dtype)
+        errors.append(((rounded.float() - weight.float()).norm() / weight.float().norm().clamp_min(1e-30)).item())
+        weight.copy_(rounded)  # `weight` is a view of the module's own (Conv1D's transposed) weight
+    if not errors:
+        raise LoraError("requantize: the model has no linear layer to quantize")
+    return {"base_dtype": precision.base_dtype, "layers": len(errors),
+            "mean_relative_error": sum(errors) / len(errors), "max_relative_error": max(errors)}

@@ -23,8 +23,9 @@ from ..training.batches import padding_id
 from ..training.datasets import TASKS
 from ..errors import LoraError
 from ..io.adapter_files import adapter_info, load_adapter
-from ..core.merge import unload_
-from ..zoo import load_task_model, load_tokenizer, model_directory
+from ..core.merge import merge_dense_
+from ..core.precision import BasePrecision, requantize_
+from ..zoo import HEADS, load_task_model, load_tokenizer, model_directory
 
 DEFAULT_TASK = "causal-lm"
 
@@ -56,8 +57,9 @@ def adapter_task(adapter: str | os.PathLike | None, task: str | None = None) -> 
 
 def load_for_inference(model: str | os.PathLike, adapter: str | os.PathLike | None = None,
                        task: str | None = None, label_names=None,
-                       dtype: torch.dtype = torch.float32) -> Loaded:
-    """Base model `model` (bundled name or directory) with its task head and, if given, `adapter` loaded.
+                       base: BasePrecision = BasePrecision()) -> Loaded:
+    """Base model `model` (bundled name or directory), stored in `base` precision, with its task head
+    and, if given, `adapter` loaded.
 
     A classifier's labels come from the adapter's metadata, else from `label_names` (e.g. a data
     file's); a head not restored from the adapter is initialised with seed 0.
@@ -72,7 +74,7 @@ def load_for_inference(model: str | os.PathLike, adapter: str | os.PathLike | No
     # a head the adapter does not supply is initialised with seed 0, leaving the caller's RNG as it was.
     with _transformers_errors_only(enabled=saved_labels is not None), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        network = load_task_model(model, task, labels if task == "classify" else None, dtype)
+        network = load_task_model(model, task, labels if task == "classify" else None, base)
     if adapter is not None:
         load_adapter(network, adapter)
     return Loaded(network.eval(), tokenizer, task, labels if task == "classify" else None)
@@ -127,16 +129,25 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
 
 
 def merge_to_folder(model: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,
-                    dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
-    """Fold `adapter` into `model` (in float32) and save a plain transformers model and tokenizer in `out`.
+                    dtype: torch.dtype = torch.float32, force: bool = False, base: BasePrecision = BasePrecision(),
+                    requantize: bool = False) -> tuple[Path, dict | None]:
+    """Fold `adapter` into `model` and save a plain transformers model and tokenizer in `out`: (out, report).
 
+    The base is loaded in `base` precision (the one the adapter was trained on); each adapted weight
+    becomes round(W0 + dW), W0 dequantized if quantized, summed in float32 and rounded once to `dtype`.
+    With requantize=True (a quantized base only) the merged weights are re-quantized to `base` and
+    saved as their exact dequantized values, and the report gives the measured error that costs.
     The folder is written beside `out` and renamed into place: `out` is never half written.
     An `out` that already holds files is replaced only with force=True.
     """
     out = Path(out)
     _check_merge_target(out, model, adapter, force)
-    loaded = load_for_inference(model, adapter)
-    plain = unload_(loaded.model, merge=True).to(dtype)
+    if requantize and not base.quantized:
+        raise LoraError(f"requantize=True: base_dtype={base.base_dtype!r} is not quantized; re-quantizing "
+                        "needs --base-dtype int8 or nf4")
+    loaded = load_for_inference(model, adapter, base=base)
+    plain = merge_dense_(loaded.model, dtype)
+    report = requantize_(plain, base, keep=HEADS) if requantize else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -149,7 +160,7 @@ def merge_to_folder(model: str | os.PathLike, adapter: str | os.PathLike, out: s
         _replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return out, report
 
 
 def _check_merge_target(out: Path, model, adapter, force: bool) -> None:

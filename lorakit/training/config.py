@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..core.config import LoraConfig, option
+from ..core.precision import BasePrecision
 from ..errors import problems_error
 from .datasets import TASKS
 
@@ -27,6 +28,9 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={
         "help": "the adapter to train (ignored with --full); classify adds the new classifier head to its "
                 "modules_to_save"})
+    base: BasePrecision = field(default_factory=BasePrecision, metadata={
+        "help": "how the frozen base is stored: float32, bfloat16, float16, or quantized to int8 / nf4 "
+                "(bitsandbytes) as it loads; adapters stay float32"})
     full: bool = option(False, "full fine-tuning of every weight instead of LoRA (same loop, for comparison)")
     steps: int = option(100, "optimiser steps")
     lr: float = option(2e-4, "peak learning rate")
@@ -55,6 +59,11 @@ class TrainConfig:
 
     def _problems(self) -> list[str]:
         p: list[str] = []
+        if not isinstance(self.base, BasePrecision):
+            p.append(f"base={self.base!r}: must be a BasePrecision, e.g. base=BasePrecision(base_dtype='nf4')")
+        elif self.full and self.base.base_dtype != "float32":
+            p.append(f"base_dtype={self.base.base_dtype!r} with full=True: full fine-tuning trains every weight, "
+                     "which stays float32; use --bf16 (autocast) to compute in bfloat16")
         if not isinstance(self.lora, LoraConfig):
             p.append(f"lora={self.lora!r}: must be a LoraConfig, e.g. lora=LoraConfig(rank=8, targets=('q_proj', "
                      "'v_proj'))")
@@ -85,9 +94,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain JSON-ready fields, `lora` as a nested dict (from_dict reads it back)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**fields, "lora": self.lora.to_dict()}
+        return {**fields, "lora": self.lora.to_dict(), "base": dataclasses.asdict(self.base)}
 
     @classmethod
     def from_dict(cls, fields: dict) -> "TrainConfig":
         """The config `to_dict` wrote."""
-        return cls(**{**fields, "lora": LoraConfig(**fields.get("lora", {}))})
+        return cls(**{**fields, "lora": LoraConfig(**fields.get("lora", {})),
+                      "base": BasePrecision(**fields.get("base", {}))})

@@ -73,7 +73,7 @@ class _Run:
         data = load_dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_length)
         self.label_names = data.label_names
         torch.manual_seed(cfg.seed)  # the same head initialisation and LoRA A on every process
-        self.model = load_task_model(cfg.model, cfg.task, data.label_names)
+        self.model = load_task_model(cfg.model, cfg.task, data.label_names, cfg.base)
         self.head = classifier_head(self.model) if cfg.task == "classify" else None
         self.train_data, self.eval_data = split_dataset(data, cfg.eval_fraction, cfg.seed)
         self.pad_id = padding_id(self.tokenizer)
