@@ -10,17 +10,20 @@ from .core.inject import inject_, resolve_modules_to_save, resolve_targets
 from .io.adapter_files import adapter_info, load_adapter, save_adapter
 from .core.layers import LoraAdapter, LoraLayer, lora_layers
 from .core.lowrank import delta_weight, lora_scale
-from .core.merge import merge_, unload_, unmerge_
+from .core.merge import merge_, merge_dense_, unload_, unmerge_
 from .core.mixed import mixed_batch
 from .core.modules_to_save import ModuleToSave, saved_modules
 from .core.params import parameter_counts
-from .zoo import BUNDLED, load_bundled, load_model
+from .core.precision import BASE_DTYPES, BasePrecision, precision_of
+from .zoo import BUNDLED, load_base, load_bundled, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCache",
+    "BASE_DTYPES",
     "BUNDLED",
+    "BasePrecision",
     "LoraAdapter",
     "LoraConfig",
     "LoraError",
@@ -42,15 +45,18 @@ __all__ = [
     "energy_rank",
     "inject_",
     "load_adapter",
+    "load_base",
     "load_bundled",
     "load_model",
     "lora_layers",
     "lora_scale",
     "merge_",
+    "merge_dense_",
     "merged_adapter",
     "mixed_batch",
     "model_updates",
     "parameter_counts",
+    "precision_of",
     "resolve_modules_to_save",
     "resolve_targets",
     "save_adapter",
