@@ -25,6 +25,7 @@ from .core.precision import BasePrecision, convert_, from_pretrained_kwargs, pre
 from .errors import LoraError
 
 HEADS = ("lm_head", "classifier", "score")  # output heads: never quantized
+NEW_HEADS = ("classifier", "score")  # a classifier's head is new and trains in full: float32, like adapters
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 CACHE_STAMP = "lorakit_source.json"  # written last into a cache; names the package it came from
 
@@ -126,8 +127,6 @@ def load_task_model(model: str | os.PathLike, task: str, label_names=None,
         if loaded.config.pad_token_id is None:
             tokenizer = load_tokenizer(model)
             loaded.config.pad_token_id = tokenizer.pad_token_id
-        head = classifier_head(loaded)
-        loaded.get_submodule(head).float()  # new and trained in full: float32 like the adapters
     else:
         raise LoraError(f"task={task!r}: must be 'causal-lm' or 'classify'")
     return _finish(loaded, base).eval()
@@ -140,11 +139,10 @@ def load_base(model: nn.Module | str | os.PathLike, base: BasePrecision | str = 
     base = BasePrecision(base_dtype=base) if isinstance(base, str) else base
     if not isinstance(model, nn.Module):
         kwargs = from_pretrained_kwargs(_loadable(base), list(HEADS))
-    return _finish(_load_directory(model_directory(model), kwargs)[0], base)
+        return _finish(_load_directory(model_directory(model), kwargs)[0], base)
     if any(isinstance(m, FOLLOWER_TYPES) for m in model.modules()):
         raise LoraError("model holds adapters: set the base precision before adding adapters (they stay float32)")
-    heads = tuple(model.get_submodule(name) for name in HEADS if _has(model, name))
-    return convert_(model, base, keep=heads)
+    return _finish(model, base)
 
 
 def _loadable(base: BasePrecision) -> BasePrecision:
@@ -154,10 +152,14 @@ def _loadable(base: BasePrecision) -> BasePrecision:
 
 
 def _finish(model: nn.Module, base: BasePrecision) -> nn.Module:
-    if precision_of(model) == base.base_dtype or not base.quantized:
-        return model
-    heads = tuple(model.get_submodule(name) for name in HEADS if _has(model, name))
-    return convert_(model, base, keep=heads)
+    """Convert what is not yet in `base` (a model given, or nf4 with other than 64-weight blocks), then
+    put a classifier's new head back in float32."""
+    if precision_of(model) != base.base_dtype:
+        convert_(model, base, keep=tuple(model.get_submodule(name) for name in HEADS if _has(model, name)))
+    for name in NEW_HEADS:
+        if _has(model, name):
+            model.get_submodule(name).float()
+    return model
 
 
 def _has(model: nn.Module, path: str) -> bool:

@@ -9,6 +9,7 @@ same kind of layer lorakit makes. A quantized layer is frozen: adapters train be
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 from dataclasses import dataclass
@@ -86,7 +87,10 @@ def quantized_kind(module: nn.Module) -> str | None:
     return None
 
 
-def is_quantized(module: nn.Module) -> bool:
+def is_quantized(module: nn.Module | torch.Tensor) -> bool:
+    """A bitsandbytes quantized linear layer, or its quantized weight."""
+    if isinstance(module, torch.Tensor):
+        return _is_quantized_tensor(module)
     return quantized_kind(module) is not None
 
 
@@ -98,6 +102,12 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         return module.weight
     bnb = require_bitsandbytes(kind)
     weight = module.weight
+    state = weight.quant_state if kind != "int8" else None
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks a 4-bit weight for its AVX512 kernel on the first CPU inference forward; read the
+        # standard layout back without touching the layer (bitsandbytes' own inverse, as its state_dict does)
+        data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+        return bnb.functional.dequantize_4bit(data, state).reshape(module.out_features, module.in_features)
     if kind == "int8":
         scales = weight.SCB if weight.SCB is not None else module.state.SCB  # moved to the state by a forward
         return weight.data.float() * scales.float()[:, None] / 127
@@ -125,19 +135,18 @@ def convert_(model: nn.Module, precision: BasePrecision, keep: tuple[nn.Module, 
     """Store the frozen base in `precision`, layer by layer (each layer's float weight is freed as its
     converted copy takes its place, so the whole model is never held twice).
 
-    Quantized precisions replace every nn.Linear except those in `keep` (the output head, modules
-    trained in full) and cast the rest to the compute dtype; float precisions cast every floating-point
-    parameter and buffer. Modules in `keep` stay as they are. Returns the model.
+    Quantized precisions replace every nn.Linear (and transformers' Conv1D) except those in `keep`
+    (output heads) and cast everything else, `keep` included, to the compute dtype; float precisions
+    cast every floating-point parameter and buffer. Returns the model.
     """
     bnb = require_bitsandbytes(precision.base_dtype) if precision.quantized else None
-    kept = {id(p) for module in keep for p in list(module.parameters()) + list(module.buffers())}
     kept_modules = {id(m) for module in keep for m in module.modules()}
     for path, module in list(model.named_modules()):
         weight = _linear_weight(module) if bnb is not None and id(module) not in kept_modules else None
         if weight is not None:
             model.set_submodule(path, _quantized_linear(bnb, module, weight, precision))
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point() and id(tensor) not in kept and not _is_quantized_tensor(tensor):
+        if tensor.is_floating_point() and not _is_quantized_tensor(tensor):
             tensor.data = tensor.data.to(precision.torch_dtype)
     return model
 
@@ -160,7 +169,8 @@ def _quantized_linear(bnb, linear: nn.Module, weight: torch.Tensor, precision: B
     """A frozen bitsandbytes layer computing what `linear` (weight (out, in)) computes, up to quantization error."""
     has_bias, device = linear.bias is not None, weight.device
     out_features, in_features = weight.shape
-    weight = weight.to(precision.torch_dtype).contiguous()
+    # bitsandbytes quantizes int8 from float16 (its own cast); nf4 from the compute dtype, as transformers does
+    weight = weight.to(torch.float16 if precision.base_dtype == "int8" else precision.torch_dtype).contiguous()
     if precision.base_dtype == "nf4":
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias,
                                   compute_dtype=precision.torch_dtype, compress_statistics=precision.double_quant,
@@ -202,7 +212,8 @@ def from_pretrained_kwargs(precision: BasePrecision, keep: list[str]) -> dict:
 def requantize_(model: nn.Module, precision: BasePrecision, keep: tuple[str, ...] = ()) -> dict:
     """Round every linear weight of a dense model (but modules named in `keep`) to what `precision` can
     store: quantize, then dequantize in place, so the weights stay dense and load back into `precision`
-    unchanged. Returns the measured cost: each layer's ||W_requantized - W|| / ||W||, mean and max."""
+    unchanged (without double quantization; with it, up to the block scales' own 8-bit rounding).
+    Returns the measured cost: each layer's ||W_requantized - W|| / ||W||, mean and max."""
     bnb = require_bitsandbytes(precision.base_dtype)
     errors = []
     for path, module in list(model.named_modules()):
