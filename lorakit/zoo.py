@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .core.identity import FOLLOWER_TYPES
-from .core.precision import BasePrecision, convert_, from_pretrained_kwargs, precision_of
+from .core.precision import BasePrecision, convert_, from_pretrained_kwargs, guard_cpu_repacking_, precision_of
 from .errors import LoraError
 
 HEADS = ("lm_head", "classifier", "score")  # output heads: never quantized
@@ -156,6 +156,7 @@ def _finish(model: nn.Module, base: BasePrecision) -> nn.Module:
     put a classifier's new head back in float32."""
     if precision_of(model) != base.base_dtype:
         convert_(model, base, keep=tuple(model.get_submodule(name) for name in HEADS if _has(model, name)))
+    guard_cpu_repacking_(model)
     for name in NEW_HEADS:
         if _has(model, name):
             model.get_submodule(name).float()

@@ -84,8 +84,12 @@ def test_full_fine_tuning_uses_the_same_loop(lm_dir, text_file, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")  # a complete model folder
 
 
-@pytest.mark.parametrize("changes", [{}, {"dropout": 0.2, "grad_accum": 2, "warmup": 3, "schedule": "linear"}],
-                         ids=["plain", "dropout-accum-warmup"])
+@pytest.mark.parametrize("changes", [
+    {}, {"dropout": 0.2, "grad_accum": 2, "warmup": 3, "schedule": "linear"},
+    {"base": lk.BasePrecision(base_dtype="bfloat16")},
+    {"base": lk.BasePrecision(base_dtype="nf4"), "grad_checkpointing": True},
+    {"base": lk.BasePrecision(base_dtype="int8")},
+], ids=["plain", "dropout-accum-warmup", "bfloat16-base", "nf4-base-checkpointing", "int8-base"])
 def test_resume_equals_uninterrupted_run(lm_dir, text_file, tmp_path, changes):
     whole = tmp_path / "whole"
     train(config(lm_dir, text_file, whole, steps=8, save_every=4, **changes))

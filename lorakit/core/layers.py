@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .precision import dense_weight, is_quantized
+from .precision import dense_weight, guard_cpu_repacking_, is_quantized
 from .lowrank import (delta_weight, lowrank_conv, lowrank_embedding, lowrank_embedding_routed, lowrank_linear,
                       lowrank_linear_routed)
 
@@ -67,6 +67,7 @@ class LoraLayer(nn.Module):
         self.routing = None  # a mixed.Routing while inside lk.mixed_batch: one adapter per example
         # The exact pre-merge weight while merged: unmerge restores it bit for bit.
         self.register_buffer("base_backup", None, persistent=False)
+        guard_cpu_repacking_(base_layer)  # a quantized base stays exactly what it was quantized to
         self.train(base_layer.training)
 
     # --- geometry, given by subclasses -------------------------------------------------------

@@ -184,7 +184,20 @@ def _quantized_linear(bnb, linear: nn.Module, weight: torch.Tensor, precision: B
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data.to(precision.torch_dtype), requires_grad=False)
+    guard_cpu_repacking_(layer)
     return layer.train(linear.training)
+
+
+def guard_cpu_repacking_(model: nn.Module) -> nn.Module:
+    """Keep bitsandbytes' 4-bit layers on CPU on their dequantize-and-matmul path. On the first CPU forward
+    without grad bitsandbytes repacks a 4-bit weight for an AVX512 inference kernel and, doing so, rounds
+    the block scales to bfloat16 for good (and fails outright for small layers): the base would change
+    under a training run at its first evaluation, and a resumed run would differ from an uninterrupted
+    one. Returns the model."""
+    for module in model.modules():
+        if quantized_kind(module) in ("nf4", "fp4"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def from_pretrained_kwargs(precision: BasePrecision, keep: list[str]) -> dict:
