@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -445,3 +446,36 @@ def test_lora_and_other_problems_are_reported_together(lm, command):
     for fragment in ("--rank=0: must be a positive integer", "--dropout=2.0: must be a number in [0, 1)",
                      f"{other[0]}=0: must be a positive integer"):
         assert fragment in err
+
+
+# --- a quantized base end to end ----------------------------------------------------------------------
+def test_train_eval_and_merge_on_an_nf4_base(lm, tmp_path):
+    """QLoRA from the command line: train on an nf4 base, evaluate on it, then export the merge dense (the
+    dequantized base plus the adapter) and, opted in, re-quantized with its measured error."""
+    out = tmp_path / "qlora"
+    ok(["train", "--model", str(lm["model"]), "--data", str(lm["data"]), "--out", str(out), "--steps", "3",
+        "--lr", "3e-2", "--batch-size", "2", "--max-length", "32", "--base-dtype", "nf4", "--compute-dtype",
+        "float32", "--no-progress"])
+    adapter = out / "adapter"
+    assert lk.adapter_info(adapter)["base_dtype"] == "nf4"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["base"]["base_dtype"] == "nf4"
+    printed = ok(["eval", "--model", str(lm["model"]), "--adapter", str(adapter), "--data", str(lm["data"]),
+                  "--base-dtype", "nf4", "--compute-dtype", "float32", "--json"])
+    assert json.loads(printed)["loss"] > 0
+
+    code, _, err = run(["merge", "--model", str(lm["model"]), "--adapter", str(adapter), "--out",
+                        str(tmp_path / "no"), "--requantize"])
+    assert code == 2 and "re-quantizing needs --base-dtype int8 or nf4" in err
+    printed = ok(["merge", "--model", str(lm["model"]), "--adapter", str(adapter), "--out", str(tmp_path / "m"),
+                  "--base-dtype", "nf4", "--compute-dtype", "float32", "--dtype", "float32"])
+    assert "(nf4 base)" in printed
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    base = lk.load_base(str(lm["model"]), lk.BasePrecision(base_dtype="nf4", compute_dtype="float32"))
+    lk.load_adapter(base, adapter)
+    ids = torch.tensor([[5, 9, 12, 30, 7, 2]])
+    expected = base.train()(ids).logits  # training mode: bitsandbytes computes with the float32 dequantized weight
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    printed = ok(["merge", "--model", str(lm["model"]), "--adapter", str(adapter), "--out", str(tmp_path / "q"),
+                  "--base-dtype", "nf4", "--dtype", "bfloat16", "--requantize"])
+    assert re.search(r"re-quantized to nf4: \d+ layers, relative weight error [\d.]+% mean, [\d.]+% max", printed)

@@ -15,7 +15,7 @@ from ..errors import LoraError
 from .identity import active_adapter, adapters, merged_adapter, set_active, unknown_adapter
 from .layers import LoraLayer, lora_layers
 from .modules_to_save import saved_modules
-from .precision import dense_weight, is_quantized, quantized_kind
+from .precision import dense_weight, is_quantized, quantized_kind, to_dense_dtype_
 
 
 def merge_(model: nn.Module, adapter: str | None = None) -> None:
@@ -98,7 +98,7 @@ def merge_dense_(model: nn.Module, dtype: torch.dtype = torch.bfloat16, adapter:
             model.set_submodule(path, _dense(module, dense_weight(module).to(dtype)))
     for path, wrapper in list(saved_modules(model)):
         model.set_submodule(path, wrapper.unwrap(adapter))
-    return model.to(dtype)
+    return to_dense_dtype_(model, dtype)
 
 
 def _weight_shape(layer: LoraLayer) -> tuple[int, ...]:

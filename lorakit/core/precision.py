@@ -241,3 +241,19 @@ def requantize_(model: nn.Module, precision: BasePrecision, keep: tuple[str, ...
         raise LoraError("requantize: the model has no linear layer to quantize")
     return {"base_dtype": precision.base_dtype, "layers": len(errors),
             "mean_relative_error": sum(errors) / len(errors), "max_relative_error": max(errors)}
+
+
+@torch.no_grad()
+def to_dense_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a model that holds no quantized layer any more to `dtype`, and drop the marks transformers'
+    loader left on it (its quantizer, config.quantization_config), so it saves and loads as a plain model."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    for name in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if name in vars(model):
+            delattr(model, name)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    return model
