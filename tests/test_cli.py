@@ -111,6 +111,7 @@ LORA_OPTIONS = [  # (options, the LoraConfig fields they give)
     (["--alpha-pattern", "*.layers.0.*=32"], {"alpha_pattern": {"*.layers.0.*": 32.0}}),
     (["--alpha-pattern", "q_proj=8, v_proj = 2.5"], {"alpha_pattern": {"q_proj": 8.0, "v_proj": 2.5}}),
     (["--modules-to-save", "classifier,score"], {"modules_to_save": ("classifier", "score")}),
+    (["--adapter-dtype", "bfloat16"], {"adapter_dtype": "bfloat16"}),
     (["--rank", "2", "--targets", "c_attn", "--rank-pattern", "h.0.*=8", "--modules-to-save", "ln_f"],
      {"rank": 2, "targets": ("c_attn",), "rank_pattern": {"h.0.*": 8}, "modules_to_save": ("ln_f",)}),
 ]

@@ -65,7 +65,7 @@ def test_defaults_are_valid_and_documented_values():
 
 
 DEFAULTS = dict(rank=8, alpha=16.0, dropout=0.0, targets=None, exclude=(), bias="none", init="default", rslora=False,
-                rank_pattern={}, alpha_pattern={}, modules_to_save=())
+                rank_pattern={}, alpha_pattern={}, modules_to_save=(), adapter_dtype="float32")
 # Per module: (rank, alpha, scale), scale by the paper: alpha / rank, or alpha / sqrt(rank) with rslora.
 PLAIN = {"q_proj": (8, 16.0, 2.0), "b.x": (8, 16.0, 2.0)}
 BOTH = ["q_proj", "b.x"]  # what `adapt` adapts when the config names no targets

@@ -237,3 +237,51 @@ def test_the_base_precision_is_set_before_adapters_are_added():
     lk.inject_(model, lk.LoraConfig(rank=2))
     with pytest.raises(lk.LoraError, match="before adding adapters"):
         lk.load_base(model, "nf4")
+
+
+def test_a_device_bitsandbytes_cannot_quantize_on_is_named_and_the_model_unchanged():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    with pytest.raises(lk.LoraError, match=r"base_dtype='nf4': bitsandbytes quantizes on cpu, cuda, xpu, not on meta; "
+                                           r"move the model there first .* or choose one of float32, bfloat16, float16"):
+        lk.load_base(model, "nf4")
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear] and model[0].weight.dtype == torch.float32
+
+
+# --- bfloat16 adapters ---------------------------------------------------------------------------------
+def test_bfloat16_adapters_store_train_save_and_mix_in_bfloat16(tmp_path):
+    """adapter_dtype='bfloat16': A, B, their gradients and the file are bfloat16; the output matches the
+    float32 reference on the same values to bfloat16's rounding; they mix with float32 adapters."""
+    model = lk.load_base(llama(), "bfloat16")
+    lk.inject_(model, lk.LoraConfig(rank=4, adapter_dtype="bfloat16"), "low")
+    lk.inject_(model, lk.LoraConfig(rank=2), "full")
+    randomize_(model, std=0.2)
+    part = model.model.layers[0].self_attn.q_proj.adapters["low"]
+    assert part.A.dtype == part.B.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.adapters["full"].A.dtype == torch.float32
+
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64).bfloat16()
+    with lk.use(model, "low"):
+        y = layer(x)
+    W = layer.base_layer.weight.float()
+    expected = reference.linear(x.float(), W, None, part.A.float(), part.B.float(), part.scale)
+    torch.testing.assert_close(y.float(), expected, rtol=0, atol=3e-2 * expected.abs().max().item())
+    with lk.use(model, "low"):
+        model(IDS).logits.float().square().mean().backward()
+    assert part.A.grad.dtype == torch.bfloat16 and part.B.grad.abs().max() > 0
+
+    directory = lk.save_adapter(model, tmp_path / "low", adapter="low")
+    assert lk.adapter_info(directory)["dtypes"] == ["BF16"]
+    other = lk.load_base(llama(), "bfloat16")
+    lk.load_adapter(other, directory)
+    assert other.model.layers[0].self_attn.q_proj.adapters["low"].A.dtype == torch.bfloat16
+
+    names = ["low", "full", None]
+    ids = IDS[:1].repeat(3, 1)
+    with torch.no_grad(), lk.mixed_batch(model, names):
+        mixed = model(ids).logits
+    for row, name in enumerate(names):
+        with torch.no_grad(), lk.use(model, name):
+            alone = model(ids[row:row + 1]).logits
+        torch.testing.assert_close(mixed[row:row + 1].float(), alone.float(), rtol=0, atol=3e-2 * alone.abs().max().item())

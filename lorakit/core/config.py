@@ -13,6 +13,7 @@ from .targets import ALL_LINEAR, path_matches
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def option(default, help: str, **kw):
@@ -50,6 +51,9 @@ class LoraConfig:
                 "'*.layers.0.*=32'"})
     modules_to_save: tuple[str, ...] = option((), "modules trained in full, one copy per adapter, and saved with it "
                                                   "(e.g. a new classifier head): comma-separated names or globs")
+    adapter_dtype: str = option("float32", "storage dtype of A and B and of their gradients and optimizer state; "
+                                "bfloat16 halves them (the low-rank path then computes in bfloat16)",
+                                choices=ADAPTER_DTYPES)
 
     def __post_init__(self) -> None:
         # Normalise containers to tuples and read-only mappings, so a frozen config cannot be mutated.
@@ -90,6 +94,8 @@ class LoraConfig:
                      "(not 'all-linear'), e.g. modules_to_save=('classifier',)")
         if self.bias not in BIAS_MODES:
             p.append(f"bias={self.bias!r}: must be one of {', '.join(map(repr, BIAS_MODES))}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            p.append(f"adapter_dtype={self.adapter_dtype!r}: must be one of {', '.join(map(repr, ADAPTER_DTYPES))}")
         if self.init not in INIT_MODES:
             p.append(f"init={self.init!r}: must be one of {', '.join(map(repr, INIT_MODES))}")
         if not isinstance(self.rslora, bool):
@@ -132,6 +138,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": list(self.modules_to_save),
+            "adapter_dtype": self.adapter_dtype,
         }
 
 

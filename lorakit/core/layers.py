@@ -28,7 +28,8 @@ _CREATION = itertools.count()  # a process-wide clock: adapters are listed in th
 class LoraAdapter(nn.Module):
     """One adapter on one layer: update(x) = scale * B(A(dropout(x))), dW = scale * B @ A.
 
-    A: (r, fan_in, *kernel) float32, random; B: (d_out, r / groups, *ones) float32, zero at creation.
+    A: (r, fan_in, *kernel), random; B: (d_out, r / groups, *ones), zero at creation; both in the config's
+    adapter_dtype (float32 by default).
     `config` is the whole adapter's LoraConfig; `scale` is the one it gives this module's path.
     """
 
@@ -104,8 +105,8 @@ class LoraLayer(nn.Module):
         dropout = config.dropout if cls.takes_dropout else 0.0
         adapter = LoraAdapter(shape_a, shape_b, config.scale_for(path), dropout, config, base.weight.device)
         with torch.no_grad():
-            cls.init_A(adapter.A, config.init, rank)
-        return adapter.train(base.training)  # an eval model stays eval
+            cls.init_A(adapter.A, config.init, rank)  # in float32, then stored in the adapter's dtype
+        return adapter.to(getattr(torch, config.adapter_dtype)).train(base.training)  # an eval model stays eval
 
     @staticmethod
     def init_A(A: torch.Tensor, init: str, rank: int) -> None:

@@ -10,6 +10,7 @@ examples. Modules to save (full copies, e.g. classifier heads) run once per adap
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -48,10 +49,11 @@ class Routing:
         cached = self._cache.get(id(layer))
         if cacheable and cached is not None and cached[0] == versions:
             return cached[1]
+        dtype = functools.reduce(torch.promote_types, (a.A.dtype for a in parts))  # adapters may differ in dtype
         r_max = max(a.rank for a in parts)
         pad = [r_max - a.rank for a in parts]  # padding only where needed: F.pad copies
-        A = torch.stack([F.pad(a.A, (0, 0, 0, k)) if k else a.A for a, k in zip(parts, pad)])
-        B = torch.stack([F.pad(a.B, (0, k)) if k else a.B for a, k in zip(parts, pad)])
+        A = torch.stack([F.pad(a.A, (0, 0, 0, k)) if k else a.A for a, k in zip(parts, pad)]).to(dtype)
+        B = torch.stack([F.pad(a.B, (0, k)) if k else a.B for a, k in zip(parts, pad)]).to(dtype)
         slot = {n: i for i, n in enumerate(n for n in self.present if layer.holds(n))}
         index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
         scale = torch.tensor([parts[slot[n]].scale if n in slot else 0.0 for n in self.names], dtype=A.dtype,

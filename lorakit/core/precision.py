@@ -23,6 +23,7 @@ from .config import option
 BASE_DTYPES = ("float32", "bfloat16", "float16", "int8", "nf4")
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit block sizes on every backend
+QUANTIZE_DEVICES = ("cpu", "cuda", "xpu")  # where bitsandbytes 0.50 has int8 and nf4 kernels
 INSTALL = "pip install 'bitsandbytes>=0.50' (lorakit's pyproject installs it)"
 
 
@@ -141,10 +142,15 @@ def convert_(model: nn.Module, precision: BasePrecision, keep: tuple[nn.Module, 
     """
     bnb = require_bitsandbytes(precision.base_dtype) if precision.quantized else None
     kept_modules = {id(m) for module in keep for m in module.modules()}
-    for path, module in list(model.named_modules()):
-        weight = _linear_weight(module) if bnb is not None and id(module) not in kept_modules else None
-        if weight is not None:
-            model.set_submodule(path, _quantized_linear(bnb, module, weight, precision))
+    linears = [(path, module, _linear_weight(module)) for path, module in model.named_modules()
+               if bnb is not None and id(module) not in kept_modules and _linear_weight(module) is not None]
+    devices = sorted({str(weight.device) for _, _, weight in linears if weight.device.type not in QUANTIZE_DEVICES})
+    if devices:
+        raise LoraError(f"base_dtype={precision.base_dtype!r}: bitsandbytes quantizes on {', '.join(QUANTIZE_DEVICES)}, "
+                        f"not on {', '.join(devices)}; move the model there first (model.to('cpu')), or choose one "
+                        f"of {', '.join(FLOAT_DTYPES)}")
+    for path, module, weight in linears:  # each float weight is freed as its quantized layer replaces it
+        model.set_submodule(path, _quantized_linear(bnb, module, weight, precision))
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.is_floating_point() and not _is_quantized_tensor(tensor):
             tensor.data = tensor.data.to(precision.torch_dtype)
