@@ -34,10 +34,10 @@ class LoraAdapter(nn.Module):
     """
 
     def __init__(self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], scale: float, dropout: float,
-                 config: LoraConfig, device: torch.device | None = None) -> None:
+                 config: LoraConfig, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.A = nn.Parameter(torch.empty(shape_a, device=device, dtype=torch.float32))
-        self.B = nn.Parameter(torch.zeros(shape_b, device=device, dtype=torch.float32))
+        self.A = nn.Parameter(torch.empty(shape_a, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(shape_b, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = scale
         self.config = config
@@ -103,10 +103,13 @@ class LoraLayer(nn.Module):
         rank = config.rank_for(path)
         shape_a, shape_b = cls.adapter_shapes(base, rank)
         dropout = config.dropout if cls.takes_dropout else 0.0
-        adapter = LoraAdapter(shape_a, shape_b, config.scale_for(path), dropout, config, base.weight.device)
-        with torch.no_grad():
-            cls.init_A(adapter.A, config.init, rank)  # in float32, then stored in the adapter's dtype
-        return adapter.to(getattr(torch, config.adapter_dtype)).train(base.training)  # an eval model stays eval
+        dtype = getattr(torch, config.adapter_dtype)
+        adapter = LoraAdapter(shape_a, shape_b, config.scale_for(path), dropout, config, base.weight.device, dtype)
+        with torch.no_grad():  # drawn in float32 whatever the adapter's dtype: the same A, rounded
+            A = adapter.A if dtype == torch.float32 else torch.empty_like(adapter.A, dtype=torch.float32)
+            cls.init_A(A, config.init, rank)
+            adapter.A.copy_(A)
+        return adapter.train(base.training)  # an eval model stays eval
 
     @staticmethod
     def init_A(A: torch.Tensor, init: str, rank: int) -> None:
