@@ -237,14 +237,23 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     lora, full = result["lora"], result["full"]
-    precision = cfg.dtype + (", bf16 autocast" if cfg.bf16 else "") + (", grad checkpointing" if cfg.grad_checkpointing else "")
+    precision = _base_text(cfg.base) + (", bf16 autocast" if cfg.bf16 else "") + (
+        ", grad checkpointing" if cfg.grad_checkpointing else "")
     print(f"{cfg.model}: {result['total_parameters']:,} parameters; batch {cfg.batch} x {cfg.seq} tokens, {precision}")
     print(f"LoRA rank {cfg.lora.rank} on {', '.join(lora['targets'])}: {lora['trainable_parameters']:,} trainable "
           f"({100 * lora['trainable_parameters'] / result['total_parameters']:.2f}%), "
           f"adapter file {_size(lora['adapter_file_bytes'])}")
-    print(f"{'peak training memory (predicted)':34} {'LoRA':>10} {'full':>10}")
+    print(f"{'peak training memory (predicted)':34} {'LoRA':>10} {'full fp32':>10}")
     rows = (("weights", "weights_bytes"), ("gradients", "gradient_bytes"), ("AdamW states", "optimizer_state_bytes"),
             ("activations (end of forward)", "activation_bytes"), ("peak", "peak_bytes"))
     for label, key in rows:
         print(f"  {label:32} {_size(lora[key]):>10} {_size(full[key]):>10}")
     return 0
+
+
+def _base_text(base) -> str:
+    """How the base is stored, e.g. 'bfloat16', 'nf4 (64-weight blocks, double quant, bfloat16 compute)'."""
+    if not base.quantized:
+        return base.base_dtype
+    blocks = f"{base.block_size}-weight blocks, " + ("double quant, " if base.double_quant else "")
+    return f"{base.base_dtype} ({blocks if base.base_dtype == 'nf4' else ''}{base.compute_dtype} compute)"

@@ -3,8 +3,11 @@
     plan("smollm2-135m", rank=8, targets=("q_proj", "v_proj"), batch=8, seq=128)
 
 The model is built from its config on fake tensors (shapes and dtypes, no storage), so no weights
-are loaded or allocated. Peak memory is predicted for one step of `lorakit train` (LoRA, and full
-fine-tuning for comparison) as
+are loaded or allocated, stored as the base precision says: in float32, bfloat16 or float16, or with
+its linear layers quantized to int8 / nf4 (bitsandbytes' layers, represented by the stand-ins of
+plan_quantized: what they store, what their forward and backward allocate) and the rest in the compute
+dtype. Peak memory is predicted for one step of `lorakit train` (LoRA, and float32 full fine-tuning
+for comparison) as
 
     weights + AdamW states + max(forward/backward peak, gradients + optimizer-step temporaries)
 
@@ -12,10 +15,11 @@ where the forward/backward peak (activations saved for backward, transients, gra
 appear) is found by running that step's forward and backward on the fake model and counting the
 bytes of every tensor the step creates while it is alive: the activations follow from the
 architecture (layers, hidden size, heads, vocabulary, batch, sequence, dtype) as torch lays them out.
-Predictions are for CPU kernels; a GPU's attention kernels usually keep less.
+Predictions are for CPU kernels (bitsandbytes' included); a GPU's attention kernels usually keep less.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,28 +38,31 @@ from ..core.config import LoraConfig, option
 from ..core.identity import adapter_config
 from ..core.inject import candidate_modules, inject_
 from ..core.layers import LoraLayer
-from ..errors import LoraError, problems_error
+from ..core.precision import BASE_DTYPES, BasePrecision
 from ..core.targets import default_targets
+from ..errors import LoraError, problems_error
 from ..io.adapter_files import adapter_metadata, adapter_tensors
 from ..io.integrity import base_fingerprint
-from ..zoo import model_directory
+from ..zoo import HEADS, model_directory
 from .loss import summed_causal_lm_loss
+from .plan_quantized import stand_in_quantized_
 
-DTYPES = ("float32", "bfloat16", "float16")
 # A base-weight fingerprint entry of typical length, for when no weights are at hand (fake model).
 TYPICAL_FINGERPRINT = [-1.2345678901234567e-05, 0.012345678901234567, -0.012345678901234567]
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """What to plan. Every field is also a `lorakit plan` option (underscores become dashes); `lora`'s
-    fields are options of their own (--rank, --targets, ...), as in `lorakit train`."""
+    """What to plan. Every field is also a `lorakit plan` option (underscores become dashes); `lora`'s and
+    `base`'s fields are options of their own (--rank, --targets, --base-dtype, ...), as in `lorakit train`."""
 
     model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter lorakit train would inject"})
+    base: BasePrecision = field(default_factory=BasePrecision, metadata={
+        "help": "how the frozen base is stored, as lorakit train stores it: float32, bfloat16, float16, or "
+                "quantized to int8 / nf4 (the full fine-tuning comparison stays float32)"})
     batch: int = option(8, "examples per forward pass (lorakit train's batch_size / grad_accum / processes)")
     seq: int = option(128, "tokens per example (lorakit train's max_length)")
-    dtype: str = option("float32", "dtype of the base weights", choices=DTYPES)
     bf16: bool = option(False, "bfloat16 autocast for forward and backward")
     grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
 
@@ -65,41 +72,47 @@ class PlanConfig:
                     or getattr(self, k) < 1]
         if not isinstance(self.lora, LoraConfig):
             problems.append(f"lora={self.lora!r}: must be a LoraConfig, e.g. lora=LoraConfig(rank=8)")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if not isinstance(self.base, BasePrecision):
+            problems.append(f"base={self.base!r}: must be a BasePrecision, e.g. base=BasePrecision(base_dtype='nf4')")
         if problems:
             raise problems_error("invalid plan options", problems)
 
     def run(self) -> dict:
-        result = plan(self.model, self.lora, self.batch, self.seq, dtype=getattr(torch, self.dtype), bf16=self.bf16,
+        result = plan(self.model, self.lora, self.batch, self.seq, base=self.base, bf16=self.bf16,
                       grad_checkpointing=self.grad_checkpointing)
         return {**result, "model": self.model}  # the name given, not the folder it resolved to
 
 
 def plan(model_or_config, lora: LoraConfig = LoraConfig(), batch: int = 8, seq: int = 128, *,
-         dtype: torch.dtype = torch.float32, bf16: bool = False, grad_checkpointing: bool = False,
-         **lora_fields) -> dict:
+         base: BasePrecision | str = BasePrecision(), bf16: bool = False, grad_checkpointing: bool = False,
+         full: bool = True, **lora_fields) -> dict:
     """Trainable parameters, adapter file bytes and predicted peak training memory, LoRA and full.
 
     model_or_config: a bundled name or model directory (str or path), a transformers config, or a
     transformers model (read, never changed; its weights make the adapter size exact to the byte).
     lora: the adapter to plan for; `lora_fields` (rank=8, targets=(...), ...) change some of its
-    fields, as `lora.replace(...)` does. Returns {"model", "batch", "seq", "total_parameters",
-    "lora": {...}, "full": {...}}; each mode has trainable_parameters and the bytes of weights,
-    gradients, optimizer_states, activations (saved for backward at the end of the forward pass)
-    and peak; "lora" also adapter_file_bytes and targets (as given, or the architecture's default).
+    fields, as `lora.replace(...)` does. base: how the frozen base is stored (a BasePrecision or one of
+    BASE_DTYPES), as lorakit train stores it; full fine-tuning, for comparison, is planned in float32 (what
+    `lorakit train --full` trains), and not at all with full=False ("full" is then None).
+    Returns {"model", "batch", "seq", "base", "total_parameters", "lora": {...}, "full": {...}}; each
+    mode has trainable_parameters and the bytes of weights, gradients, optimizer_states, activations
+    (saved for backward at the end of the forward pass) and peak; "lora" also adapter_file_bytes and
+    targets (as given, or the architecture's default).
     """
     if not isinstance(lora, LoraConfig):
         raise LoraError(f"lora={lora!r}: must be a LoraConfig, e.g. lora=LoraConfig(rank=8)")
+    base = BasePrecision(base_dtype=base) if isinstance(base, str) else base
+    if not isinstance(base, BasePrecision):
+        raise LoraError(f"base={base!r}: must be a BasePrecision or one of {', '.join(BASE_DTYPES)}")
     config, weights = _config_of(model_or_config)
     lora_config = lora.replace(**lora_fields) if lora_fields else lora
-    step = dict(batch=batch, seq=seq, dtype=dtype, bf16=bf16, grad_checkpointing=grad_checkpointing)
-    lora_model, lora_result = _dry_run(config, lora_config, **step)
-    lora_result["adapter_file_bytes"] = _adapter_file_bytes(lora_model, weights)
+    step = _Step(batch, seq, bf16, grad_checkpointing)
+    lora_model, total, lora_result = _dry_run(config, lora_config, base, step)
+    lora_result["adapter_file_bytes"] = _adapter_file_bytes(lora_model, weights, base.base_dtype)
     lora_result["targets"] = list(lora_config.targets or default_targets(lora_model))
-    _, full = _dry_run(config, None, **step)
     return {"model": getattr(config, "_name_or_path", "") or config.model_type, "batch": batch, "seq": seq,
-            "total_parameters": full["trainable_parameters"], "lora": lora_result, "full": full}
+            "base": dataclasses.asdict(base), "total_parameters": total, "lora": lora_result,
+            "full": _dry_run(config, None, BasePrecision(), step)[2] if full else None}
 
 
 # --- the model, on fake tensors ------------------------------------------------------------------------
@@ -115,21 +128,53 @@ def _config_of(model_or_config):
                     "directory, config or model")
 
 
-def _fake_model(config, dtype: torch.dtype, fake) -> nn.Module:
+def _fake_model(config, base: BasePrecision, fake: FakeTensorMode) -> tuple[nn.Module, int]:
+    """(the model stored as `base` stores it, on fake tensors; its parameter count before quantization)."""
     with fake:
         try:
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=base.torch_dtype)
         except ValueError as err:  # e.g. an encoder such as minilm-l6
             raise LoraError(f"model={getattr(config, '_name_or_path', config.model_type)!r}: plan covers causal "
                             f"language models ({err})") from None
-    return model
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        if base.quantized:  # as load_task_model stores it: every linear layer but the output head
+            heads = tuple(model.get_submodule(name) for name in HEADS if hasattr(model, name))
+            stand_in_quantized_(model, base, keep=heads)
+    return model, total
 
 
-def _dry_run(config, lora_config: LoraConfig | None, batch: int, seq: int, dtype: torch.dtype, bf16: bool,
-             grad_checkpointing: bool) -> tuple[nn.Module, dict]:
-    """One training step's forward and backward on a fake model; the bytes it would take."""
+@dataclass(frozen=True)
+class _Step:
+    """One training step's shape: examples, tokens each, autocast, activation recomputation."""
+
+    batch: int
+    seq: int
+    bf16: bool
+    grad_checkpointing: bool
+
+
+def _dry_run(config, lora_config: LoraConfig | None, base: BasePrecision,
+             step: _Step) -> tuple[nn.Module, int, dict]:
+    """One training step's forward and backward on a fake model; (the model, its parameter count, the
+    bytes the step would take). lora_config None: full fine-tuning."""
     fake = _FakeMode()
-    model = _fake_model(config, dtype, fake)
+    model, total = _fake_model(config, base, fake)
+    _prepare(model, lora_config, step.grad_checkpointing, fake)
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
+    trainable = [t for t in tensors.values() if isinstance(t, nn.Parameter) and t.requires_grad]
+    gradients = sum(_nbytes(p) for p in trainable)
+    states = 2 * gradients + 4 * len(trainable)  # AdamW: exp_avg, exp_avg_sq like the parameter; a step count
+    activations, forward_backward = _forward_backward(model, step, fake)
+    step_temporaries = 2 * max((_nbytes(p) for p in trainable), default=0)  # AdamW's sqrt(v) / bias correction
+    weights = sum(_nbytes(t) for t in tensors.values())
+    peak = weights + states + max(forward_backward, gradients + step_temporaries)
+    return model, total, {"trainable_parameters": sum(p.numel() for p in trainable), "weights_bytes": weights,
+                          "gradient_bytes": gradients, "optimizer_state_bytes": states,
+                          "activation_bytes": activations, "peak_bytes": peak}
+
+
+def _prepare(model: nn.Module, lora_config: LoraConfig | None, grad_checkpointing: bool, fake) -> None:
+    """Make the fake model what lorakit train trains: adapters injected (or every weight trainable)."""
     with fake:
         if lora_config is None:
             model.requires_grad_(True)
@@ -140,23 +185,20 @@ def _dry_run(config, lora_config: LoraConfig | None, batch: int, seq: int, dtype
         if grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        ids = torch.zeros((batch, seq), dtype=torch.long)
+
+
+def _forward_backward(model: nn.Module, step: _Step, fake) -> tuple[int, int]:
+    """(bytes alive at the end of the forward pass, peak bytes during forward and backward) of the
+    tensors the step creates (not the weights)."""
+    with fake:
+        ids = torch.zeros((step.batch, step.seq), dtype=torch.long)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
-    trainable = [t for t in tensors.values() if isinstance(t, nn.Parameter) and t.requires_grad]
-    gradients = sum(_nbytes(p) for p in trainable)
-    states = 2 * gradients + 4 * len(trainable)  # AdamW: exp_avg, exp_avg_sq like the parameter; a step count
     counter = LiveBytes()
     with fake, counter:
-        loss = summed_causal_lm_loss(model, inputs, bf16, verify=False)
+        loss = summed_causal_lm_loss(model, inputs, step.bf16, verify=False)
         activations = counter.live
         loss.backward()
-    step_temporaries = 2 * max((_nbytes(p) for p in trainable), default=0)  # AdamW's sqrt(v) / bias correction
-    weights = sum(_nbytes(t) for t in tensors.values())
-    peak = weights + states + max(counter.peak, gradients + step_temporaries)
-    return model, {"trainable_parameters": sum(p.numel() for p in trainable), "weights_bytes": weights,
-                   "gradient_bytes": gradients, "optimizer_state_bytes": states, "activation_bytes": activations,
-                   "peak_bytes": peak}
+    return activations, counter.peak
 
 
 class _FakeMode(FakeTensorMode):
@@ -205,7 +247,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 # --- the adapter file --------------------------------------------------------------------------------
-def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None) -> int:
+def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None, base_dtype: str) -> int:
     """Size of the adapter_model.safetensors that save_adapter writes for this (fake) injected model:
     the same tensors and metadata save_adapter builds (adapter_files.adapter_tensors/adapter_metadata).
 
@@ -218,7 +260,7 @@ def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None) -> int:
     fingerprint = base_fingerprint(dict(candidate_modules(weights)), paths) if weights is not None else \
         {path: TYPICAL_FINGERPRINT for path in paths}
     checksum = "0" * 64  # a sha256 in hex: its length is all the size depends on
-    metadata = adapter_metadata("default", adapter_config(model, "default"), fingerprint, checksum, "float32")
+    metadata = adapter_metadata("default", adapter_config(model, "default"), fingerprint, checksum, base_dtype)
     return _safetensors_bytes({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
 
 
