@@ -96,8 +96,9 @@ def test_predicted_peak_is_within_20_percent_of_the_measured_one(predicted, mode
     assert abs((expected - weights) - (measured - weights)) <= 0.25 * (measured - weights), (mode, expected, measured)
 
 
-@pytest.mark.parametrize("extra", [{}, {"modules_to_save": ("ln_f",), "bias": "lora_only", "rank_pattern": {"c_proj": 2}}],
-                         ids=["plain", "saved-modules-bias-patterns"])
+@pytest.mark.parametrize("extra", [{}, {"modules_to_save": ("ln_f",), "bias": "lora_only", "rank_pattern": {"c_proj": 2}},
+                                   {"adapter_dtype": "bfloat16"}],
+                         ids=["plain", "saved-modules-bias-patterns", "bfloat16-adapter"])
 def test_trainable_parameters_and_adapter_file_size_are_exact(tmp_path, extra):
     """plan builds the file's tensors and metadata with save_adapter's own code: exact to the byte."""
     torch.manual_seed(0)

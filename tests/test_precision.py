@@ -285,3 +285,10 @@ def test_bfloat16_adapters_store_train_save_and_mix_in_bfloat16(tmp_path):
         with torch.no_grad(), lk.use(model, name):
             alone = model(ids[row:row + 1]).logits
         torch.testing.assert_close(mixed[row:row + 1].float(), alone.float(), rtol=0, atol=3e-2 * alone.abs().max().item())
+
+
+def test_a_quantized_layer_cannot_be_a_module_to_save():
+    model = lk.load_base(llama(), "nf4")
+    with pytest.raises(lk.LoraError, match=r"modules_to_save: 'model.layers.0.mlp.down_proj' holds a quantized layer"):
+        lk.inject_(model, lk.LoraConfig(rank=2, modules_to_save=("layers.0.mlp.down_proj",)))
+    assert not list(lk.lora_layers(model))

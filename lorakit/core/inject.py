@@ -10,6 +10,7 @@ from .config import LoraConfig
 from .identity import FOLLOWER_TYPES, adapters, check_adapter_name
 from .layers import LoraAdapter, LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, supported_type_names
 from .modules_to_save import CONTAINERS, ModuleToSave, trainable_copy
+from .precision import is_quantized
 from .targets import ALL_LINEAR, default_targets, model_type, path_matches
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -132,6 +133,9 @@ def _resolve_saved(modules: list[tuple[str, nn.Module]], config: LoraConfig) -> 
         if isinstance(module, CONTAINERS):
             problems.append(f"modules_to_save: {path!r} is a {type(module).__name__}, which has no forward "
                             "of its own to call; name the modules inside it")
+        if any(is_quantized(m) for m in module.modules()):
+            problems.append(f"modules_to_save: {path!r} holds a quantized layer, which cannot be trained in full; "
+                            "adapt it with LoRA instead, or keep it unquantized (output and classifier heads are)")
         outer = [p for p in hits if path.startswith(p + ".")]
         if outer:
             problems.append(f"modules_to_save: {path!r} lies inside {outer[0]!r}, also a module to save; "

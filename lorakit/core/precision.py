@@ -142,8 +142,8 @@ def convert_(model: nn.Module, precision: BasePrecision, keep: tuple[nn.Module, 
     """
     bnb = require_bitsandbytes(precision.base_dtype) if precision.quantized else None
     kept_modules = {id(m) for module in keep for m in module.modules()}
-    linears = [(path, module, _linear_weight(module)) for path, module in model.named_modules()
-               if bnb is not None and id(module) not in kept_modules and _linear_weight(module) is not None]
+    linears = [(path, module, linear_weight(module)) for path, module in model.named_modules()
+               if bnb is not None and id(module) not in kept_modules and linear_weight(module) is not None]
     devices = sorted({str(weight.device) for _, _, weight in linears if weight.device.type not in QUANTIZE_DEVICES})
     if devices:
         raise LoraError(f"base_dtype={precision.base_dtype!r}: bitsandbytes quantizes on {', '.join(QUANTIZE_DEVICES)}, "
@@ -161,7 +161,7 @@ def _is_quantized_tensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ in ("Params4bit", "Int8Params")
 
 
-def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
     """The (out, in) weight of a linear layer lorakit quantizes: nn.Linear, or transformers' Conv1D (GPT-2),
     which stores it transposed; None for anything else."""
     if type(module) is nn.Linear:
@@ -236,7 +236,7 @@ def requantize_(model: nn.Module, precision: BasePrecision, keep: tuple[str, ...
     bnb = require_bitsandbytes(precision.base_dtype)
     errors = []
     for path, module in list(model.named_modules()):
-        weight = _linear_weight(module)
+        weight = linear_weight(module)
         if weight is None or any(path == k or path.endswith("." + k) for k in keep):
             continue
         layer = _quantized_linear(bnb, module, weight, precision)

@@ -261,15 +261,19 @@ def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None, base_dtype:
         {path: TYPICAL_FINGERPRINT for path in paths}
     checksum = "0" * 64  # a sha256 in hex: its length is all the size depends on
     metadata = adapter_metadata("default", adapter_config(model, "default"), fingerprint, checksum, base_dtype)
-    return _safetensors_bytes({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
+    return _safetensors_bytes({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, metadata)
 
 
-def _safetensors_bytes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> int:
-    """A safetensors file of float32 tensors: 8-byte header length, JSON header padded to 8, data."""
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def _safetensors_bytes(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> int:
+    """A safetensors file of these (shape, dtype)s: 8-byte header length, JSON header padded to 8, data."""
     header, offset = {"__metadata__": metadata}, 0
-    for name in sorted(shapes):  # the format orders tensors by dtype, then name
-        size = 4 * math.prod(shapes[name])
-        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+    for name in sorted(tensors):  # the format orders tensors by dtype, then name (one dtype here: offsets alike)
+        shape, dtype = tensors[name]
+        size = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     return 8 + len(text) + (-len(text)) % 8 + offset

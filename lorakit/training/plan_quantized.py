@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.precision import BasePrecision, _linear_weight
+from ..core.precision import BasePrecision, linear_weight
 
 NF4_CODE = 16  # NF4's 16 levels, float32
 ABSMAX_CODE = 256  # double quantization's 8-bit code for the block scales, float32
@@ -112,7 +112,7 @@ def stand_in_quantized_(model: nn.Module, precision: BasePrecision, keep: tuple[
     output heads) with its QuantizedStandIn. Call under the fake mode the model was built in."""
     kept = {id(m) for module in keep for m in module.modules()}
     for path, module in list(model.named_modules()):
-        weight = _linear_weight(module) if id(module) not in kept else None
+        weight = linear_weight(module) if id(module) not in kept else None
         if weight is not None:
             out_features, in_features = weight.shape
             model.set_submodule(path, QuantizedStandIn(out_features, in_features, module.bias is not None, precision))
