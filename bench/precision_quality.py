@@ -19,7 +19,9 @@ from lorakit.training.config import TrainConfig
 from lorakit.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = {"bfloat16": 0.03, "nf4": 0.08}  # allowed relative rise of held-out perplexity over the float32 base
+TARGETS = {"bfloat16": 0.03, "nf4": 0.08}
+DTYPES = ("float32", "bfloat16", "nf4")
+RESULTS = ROOT / "bench" / "results"  # allowed relative rise of held-out perplexity over the float32 base
 
 
 def run(base_dtype: str, steps: int, out: Path) -> dict:
@@ -51,13 +53,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps, as the demo (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/precision_quality"), help="run folders")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES,
+                        help="base dtypes to (re)run; the others' last results are kept (default: all)")
     args = parser.parse_args(argv)
-    rows = [run(dtype, args.steps, args.out) for dtype in ("float32", "bfloat16", "nf4")]
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    if args.steps == 40:
-        (results / "precision_quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows))
+    saved = RESULTS / "precision_quality.json"
+    rows = {r["base_dtype"]: r for r in json.loads(saved.read_text())} if saved.is_file() and args.steps == 40 else {}
+    for dtype in args.dtypes:
+        rows[dtype] = run(dtype, args.steps, args.out)
+        if args.steps == 40:  # each run is kept as soon as it ends
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps([rows[d] for d in DTYPES if d in rows], indent=2) + "\n")
+    print(table([rows[d] for d in DTYPES if d in rows]))
 
 
 if __name__ == "__main__":
