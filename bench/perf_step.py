@@ -79,6 +79,7 @@ class StepSpec:
     base: str = "float32"  # the frozen base's precision, one of lk.BASE_DTYPES (not float32: needs `directory`)
     directory: str | None = None  # load the model saved here (perf_models.load_base); None: perf_models.build_base
     preload: tuple[str, ...] = field(default=())  # modules imported before anything is measured (the same for all)
+    checkpointing: bool = False  # recompute activations in backward, as `lorakit train --grad-checkpointing` does
 
     def __post_init__(self) -> None:
         problems = []
@@ -205,6 +206,8 @@ def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
     else:
         model = pm.add_peft(model, spec.targets, spec.rank, spec.alpha)
+    if spec.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
 

@@ -4,14 +4,16 @@
     .venv/bin/python bench/precision.py --quick    # smoke run: 1 warm-up + 2 timed rounds; RESULTS.md untouched
 
 Per model (GPT-2 small, random init; SmolLM2-135M), with the same rank-8 adapter (alpha 16, no dropout)
-on c_attn (GPT-2) or q_proj/v_proj (SmolLM2) and the same 4 x 128 random token batch, nine training
+on c_attn (GPT-2) or q_proj/v_proj (SmolLM2) and the same 4 x 128 random token batch, eleven training
 configurations, each in a fresh process of its own (bench/perf_step.py), taking turns one step at a
 time, the order rotating each round:
 
 - lorakit with a float32, bfloat16, int8 (LLM.int8) or nf4 (QLoRA) base: `lk.load_base(directory, base)`;
 - PEFT at the same four precisions, the base loaded as PEFT's users load it: transformers' from_pretrained
   with the dtype, or with a BitsAndBytesConfig (the same bitsandbytes layers), then peft.get_peft_model;
-- full fine-tuning, float32.
+- full fine-tuning, float32;
+- lorakit and PEFT on the nf4 base with gradient checkpointing (`lorakit train --grad-checkpointing`'s call, the
+  same for both), what QLoRA recipes add to save activations.
 
 Every configuration loads the model from one directory (GPT-2 small is saved there first, so that it
 loads like a pretrained model), in a process that has already imported torch, transformers, PEFT and
@@ -47,18 +49,22 @@ LIBRARIES = ("lorakit", "peft")
 PRELOAD = ("peft", "bitsandbytes")  # every process imports both before anything is measured
 
 
-def config_name(library: str, base: str) -> str:
-    """'lorakit-nf4', 'peft-bf16', 'full-f32'."""
-    return f"{library}-{BASES[base]}"
+def config_name(library: str, base: str, checkpointing: bool = False) -> str:
+    """'lorakit-nf4', 'peft-bf16', 'full-f32', 'lorakit-nf4-gc' (with gradient checkpointing)."""
+    return f"{library}-{BASES[base]}" + ("-gc" if checkpointing else "")
 
 
-CONFIGS = {config_name(library, base): (library, base) for library in LIBRARIES for base in BASES}
-CONFIGS[config_name("full", "float32")] = ("full", "float32")
+# name -> (perf_step variant, base dtype, gradient checkpointing): each library at each precision, full
+# fine-tuning, and nf4 with gradient checkpointing (what QLoRA recipes add to save activations), both libraries.
+CONFIGS = {config_name(library, base): (library, base, False) for library in LIBRARIES for base in BASES}
+CONFIGS.update({config_name("full", "float32"): ("full", "float32", False),
+                **{config_name(library, "nf4", True): (library, "nf4", True) for library in LIBRARIES}})
 # (a, b): a / b for step time, CPU time and memory. The issue's comparisons first, then each lorakit base
 # against its PEFT twin, then context.
 PAIRS = (("lorakit-bf16", "peft-f32"), ("lorakit-bf16", "peft-bf16"), ("lorakit-nf4", "lorakit-bf16"),
          ("lorakit-nf4", "peft-f32"), ("lorakit-nf4", "peft-nf4"),
-         ("lorakit-f32", "peft-f32"), ("lorakit-int8", "peft-int8"),
+         ("lorakit-f32", "peft-f32"), ("lorakit-int8", "peft-int8"), ("lorakit-nf4-gc", "peft-nf4-gc"),
+         ("lorakit-nf4-gc", "peft-f32"), ("lorakit-nf4-gc", "lorakit-nf4"),
          ("lorakit-int8", "lorakit-bf16"), ("lorakit-bf16", "lorakit-f32"), ("peft-nf4", "peft-f32"),
          ("lorakit-f32", "full-f32"))
 MEMORY = (("peak", "peak_mb"), ("net", "net_peak_mb"), ("loaded", "loaded_rss_mb"))  # ratios added to perf's
@@ -69,8 +75,8 @@ class Settings:
     """One benchmark run."""
 
     # one warm-up round (AdamW allocates its state, the weights' file pages are read in), then timed rounds
-    cases: tuple[perf.Case, ...] = (perf.Case("gpt2-small", train_warmup=1, train_steps=5),
-                                    perf.Case("smollm2-135m", train_warmup=1, train_steps=5))
+    cases: tuple[perf.Case, ...] = (perf.Case("gpt2-small", train_warmup=1, train_steps=8),
+                                    perf.Case("smollm2-135m", train_warmup=1, train_steps=8))
     configs: tuple[str, ...] = tuple(CONFIGS)
     rank: int = 8
     alpha: float = 16.0
@@ -88,9 +94,10 @@ class Settings:
 
 def specs(case: perf.Case, settings: Settings, directory: Path) -> dict[str, StepSpec]:
     """One StepSpec per configuration, all loading from `directory`."""
-    return {name: StepSpec(model=case.model, variant=CONFIGS[name][0], base=CONFIGS[name][1], directory=str(directory),
-                           batch=case.train_batch, seq=case.train_seq, rank=settings.rank, alpha=settings.alpha,
-                           threads=settings.threads, preload=PRELOAD)
+    return {name: StepSpec(model=case.model, variant=CONFIGS[name][0], base=CONFIGS[name][1],
+                           checkpointing=CONFIGS[name][2], directory=str(directory), batch=case.train_batch,
+                           seq=case.train_seq, rank=settings.rank, alpha=settings.alpha, threads=settings.threads,
+                           preload=PRELOAD)
             for name in settings.configs}
 
 
@@ -101,9 +108,9 @@ def summarise(result: dict, warmup: int, pairs: tuple[tuple[str, str], ...]) -> 
     variants = summary["variants"]
     for name, stats in result["stats"].items():
         peak = max(stats["load_peak_rss_mb"], stats["peak_rss_mb"])
-        variants[name].update({key: stats[key] for key in ("variant", "base", "precision", "quantized_layers",
-                                                            "trainable_dtypes", "runtime_rss_mb", "loaded_rss_mb",
-                                                            "load_peak_rss_mb", "setup_s")},
+        variants[name].update({key: stats[key] for key in ("variant", "base", "checkpointing", "precision",
+                                                            "quantized_layers", "trainable_dtypes", "runtime_rss_mb",
+                                                            "loaded_rss_mb", "load_peak_rss_mb", "setup_s")},
                               peak_mb=peak, net_peak_mb=peak - stats["runtime_rss_mb"])
     for a, b in pairs:
         for metric, key in MEMORY:
@@ -157,7 +164,7 @@ def settings_from(argv: list[str] | None) -> Settings:
                              "(not RESULTS.md or precision.png)")
     parser.add_argument("--models", nargs="+", choices=("gpt2-small", "smollm2-135m"),
                         help="models to measure (default: both)")
-    parser.add_argument("--steps", type=int, help="timed rounds per model (default: 5)")
+    parser.add_argument("--steps", type=int, help="timed rounds per model (default: 8)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step")
     parser.add_argument("--no-results-md", action="store_true", help="do not write bench/RESULTS.md or precision.png")
     parser.add_argument("--label", default="", help="note kept with the run, e.g. what else the machine runs")

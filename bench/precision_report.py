@@ -27,7 +27,9 @@ TARGETS = (  # the issue's ("Lower the hardware barrier"); the 0.45x memory one 
 LABELS = {"full-f32": "full fine-tuning, float32", "lorakit-f32": "lorakit, float32 base",
           "lorakit-bf16": "lorakit, bfloat16 base", "lorakit-int8": "lorakit, int8 base (LLM.int8)",
           "lorakit-nf4": "lorakit, nf4 base (QLoRA)", "peft-f32": "PEFT, float32 base", "peft-bf16": "PEFT, bfloat16 base",
-          "peft-int8": "PEFT + bitsandbytes int8", "peft-nf4": "PEFT + bitsandbytes nf4"}
+          "peft-int8": "PEFT + bitsandbytes int8", "peft-nf4": "PEFT + bitsandbytes nf4",
+          "lorakit-nf4-gc": "lorakit, nf4 base, gradient checkpointing",
+          "peft-nf4-gc": "PEFT + bitsandbytes nf4, gradient checkpointing"}
 
 
 def verdicts(summary: dict) -> list[tuple[str, str, str, str]]:
@@ -47,7 +49,7 @@ def configuration_table(summary: dict) -> str:
                      f"{v['peak_rss_mb']:.0f}", f"{v['peak_mb']:.0f}", f"{v['net_peak_mb']:.0f}",
                      f"{v['live_peak_mb']:.0f}"])
     return table(["configuration", "base held", "bnb layers", "trainable", "trainable dtype", "step ms (median)",
-                   "best", "forward", "backward", "AdamW", "RSS after imports MB", "peak while loading",
+                   "best", "forward", "backward", "AdamW", "RSS after imports MB", "peak up to loaded",
                    "RSS after load", "peak while training", "peak, load included", "peak less imports",
                    "peak live tensors MB"], rows, "lllrlrrrrrrrrrrrr")
 
@@ -106,7 +108,7 @@ def body(result: dict) -> str:
         f"({meta.get('waited_for_quiet_s', 0):.0f} s in all). " + code_line(meta),
         "",
         "Each configuration is a fresh process that first imports torch, transformers, PEFT and bitsandbytes "
-        "(`RSS after imports`), then loads the model from the same directory (`peak while loading`, `RSS after "
+        "(`RSS after imports`), then loads the model from the same directory (`peak up to loaded`, `RSS after "
         "load`): lorakit with `lk.load_base(directory, base)`, PEFT and full fine-tuning with transformers' "
         "`from_pretrained(dtype=...)`, for int8 and nf4 with a `BitsAndBytesConfig` (nf4: double quantization, "
         "bfloat16 compute; the rest of the model bfloat16, the output head unquantized), then "

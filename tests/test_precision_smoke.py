@@ -57,11 +57,12 @@ def test_each_configuration_holds_the_base_it_names(tiny_run):
     _, result = tiny_run
     variants = result["models"]["gpt2-tiny"]["training"]["variants"]
     for name, v in variants.items():
-        library, short = name.split("-")
+        library, short, *gc = name.split("-")
         assert v["precision"] == HELD[short], name  # measured on the trained model, not taken from the spec
         assert v["trainable_dtypes"] == ["float32"], name  # adapters (and full fine-tuning) train in float32
         assert (v["quantized_layers"] > 0) == (short in ("int8", "nf4")), name
-    for short in ("f32", "bf16", "int8", "nf4"):  # the twins: the same adapter on the same bitsandbytes layers
+        assert v["checkpointing"] == bool(gc), name
+    for short in ("f32", "bf16", "int8", "nf4", "nf4-gc"):  # the twins: the same adapter on the same base layers
         lorakit, peft = variants[f"lorakit-{short}"], variants[f"peft-{short}"]
         assert lorakit["trainable"] == peft["trainable"] < variants["full-f32"]["trainable"]
         assert lorakit["quantized_layers"] == peft["quantized_layers"]
@@ -155,5 +156,7 @@ def test_a_fresh_process_records_its_memory_from_imports_to_training(tmp_path):
     result = perf_step.lockstep({"lorakit-nf4": spec}, rounds=2, isolate=True)
     stats = result["stats"]["lorakit-nf4"]
     assert stats["precision"] == "nf4" and stats["quantized_layers"] == 8
-    assert 0 < stats["runtime_rss_mb"] <= stats["loaded_rss_mb"] <= stats["load_peak_rss_mb"]
+    # the high-water mark up to loaded covers the process after its imports and after loading (a tiny model
+    # may load in less than loading frees, so those two are not ordered)
+    assert 0 < max(stats["runtime_rss_mb"], stats["loaded_rss_mb"]) <= stats["load_peak_rss_mb"]
     assert stats["peak_rss_mb"] >= stats["rss_before_mb"] > 0
