@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test quick bench analysis clean
+.PHONY: install demo test quick bench bench-precision analysis clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ quick: install
 # `make bench BENCH_ARGS=--quick` is a smoke run that leaves RESULTS.md alone.
 bench: install
 	$(PY) bench/perf.py $(BENCH_ARGS)
+
+# LoRA on a float32 / bfloat16 / int8 / nf4 base, lorakit vs PEFT (+ bitsandbytes) vs full fine-tuning (about 15 min);
+# writes the "Base precision" section of bench/RESULTS.md and bench/results/precision.*; BENCH_ARGS=--quick as above.
+bench-precision: install
+	$(PY) bench/precision.py $(BENCH_ARGS)
 
 # The runs behind docs/analysis.md (about 30 min): MiniLM and SmolLM2 adapters (rank 8 twice, rank 64), full
 # fine-tuning, then `lorakit analyze`; reports in docs/analysis/<experiment>/.

@@ -349,11 +349,12 @@ def _adapter_dtype(model, library: str) -> str:
 
 # --- training, one process per configuration -----------------------------------------------------------------
 def training(case: Case, settings: Settings, log: "Log", progress: Callable[[str], None],
-             gate: QuietGate | None) -> dict:
-    """The three configurations in lockstep (perf_step.lockstep); every step and stat is logged."""
-    specs = {variant: StepSpec(model=case.model, variant=variant, batch=case.train_batch, seq=case.train_seq,
-                               rank=settings.rank, alpha=settings.alpha, threads=settings.threads)
-             for variant in TRAIN_VARIANTS}
+             gate: QuietGate | None, specs: dict[str, StepSpec] | None = None) -> dict:
+    """The configurations (default: one per perf_step variant) in lockstep (perf_step.lockstep); every step and
+    stat is logged, the stats under their configuration's name."""
+    specs = specs or {variant: StepSpec(model=case.model, variant=variant, batch=case.train_batch, seq=case.train_seq,
+                                        rank=settings.rank, alpha=settings.alpha, threads=settings.threads)
+                      for variant in TRAIN_VARIANTS}
     rounds = case.train_warmup + case.train_steps
     progress(f"{case.model}: training, starting {len(specs)} processes" if settings.isolate else
              f"{case.model}: training (in this process)")
@@ -362,15 +363,15 @@ def training(case: Case, settings: Settings, log: "Log", progress: Callable[[str
     for step in result["steps"]:
         log("train_step", model=case.model, warmup=step["round"] < case.train_warmup, **step,
             others_cpus=result["others"][step["round"]])
-    for variant, stats in result["stats"].items():
-        log("train", **stats, isolated=result["isolated"])
+    for name, stats in result["stats"].items():
+        log("train", **stats, config=name, isolated=result["isolated"])
     for variant, report in result["profiles"].items():
         log("profile", model=case.model, what=f"training step, {variant}", **report)
     return result
 
 
-def training_summary(result: dict, warmup: int) -> dict:
-    """Per variant: medians over the timed clean rounds, best step, and memory; per pair: ratio_stats
+def training_summary(result: dict, warmup: int, pairs: tuple[tuple[str, str], ...] = PAIRS) -> dict:
+    """Per configuration: medians over the timed clean rounds, best step, and memory; per pair: ratio_stats
     of the step time (and of the process CPU time), and the memory ratios."""
     timed = sorted({s["round"] for s in result["steps"] if s["round"] >= warmup})
     others = [result["others"][r] for r in timed]
@@ -386,7 +387,7 @@ def training_summary(result: dict, warmup: int) -> dict:
                                  ru_maxrss_mb=stats["ru_maxrss_mb"], live_peak_mb=stats["live_peak_mb"],
                                  losses=[by[r, variant]["loss"] for r in timed])
     ratios = {}
-    for a, b in PAIRS:
+    for a, b in pairs:
         for metric, key in (("step", "step_ms"), ("cpu", "cpu_ms")):
             values, references = ([by[r, v][key] for r in timed] for v in (a, b))
             ratios[f"{metric} {a}/{b}"] = ratio_stats(values, references, others)

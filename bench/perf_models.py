@@ -40,6 +40,40 @@ def build_base(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     return load_task_model(name, "causal-lm", base=BasePrecision(base_dtype=str(dtype).removeprefix("torch."))).eval()
 
 
+# --- a base in another precision, loaded the way each library's users load it ----------------------------------
+def model_source(name: str, directory: Path) -> Path:
+    """Where `name` loads from: a bundled model's own directory, or a GPT-2 shape built by build_base (random
+    init, seed 0) and saved into `directory`, so that every configuration loads it as a pretrained model."""
+    if name not in GPT2_SHAPES:
+        from lorakit.zoo import model_directory
+
+        return model_directory(name)
+    build_base(name).save_pretrained(directory)
+    return Path(directory)
+
+
+def load_base(directory: str | Path, base: str, loader: str) -> nn.Module:
+    """The causal LM saved in `directory`, in eval mode, its frozen base stored in `base` (lk.BASE_DTYPES):
+    loader "lorakit" through lk.load_base (what `lorakit train --base-dtype` does), "transformers" as
+    PEFT's QLoRA guide does: from_pretrained with the dtype, and a BitsAndBytesConfig for int8 and nf4."""
+    if loader == "lorakit":
+        return lk.load_base(str(directory), base).eval()
+    kwargs = {"dtype": getattr(torch, base)} if base in ("float32", "bfloat16", "float16") else {
+        "dtype": torch.bfloat16, "quantization_config": bitsandbytes_config(base)}
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **kwargs).eval()
+
+
+def bitsandbytes_config(base: str) -> transformers.BitsAndBytesConfig:
+    """The quantization PEFT users ask transformers for (QLoRA: NF4, double-quantized scales, bfloat16 compute;
+    LLM.int8 with its default outlier threshold), written out here rather than taken from lorakit."""
+    if base == "nf4":
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    if base == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"base={base!r}: bitsandbytes quantizes to int8 or nf4")
+
+
 def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float,
                 random_b: bool = False, seed: int = 1) -> nn.Module:
     """Inject a rank-`rank` adapter "default" in place; random_b: B ~ N(0, 0.02) so it changes the output."""

@@ -34,7 +34,7 @@ class Target:
 
     def estimates(self, summary: dict) -> dict[str, float]:
         """{"median": ..., "best": ...} (just one of them where only one was measured)."""
-        stats = _at(summary, self.path)
+        stats = at(summary, self.path)
         best = stats.get("best" if self.key == "ratio" else "min_ms")
         label = "median" if self.key in ("ratio", "median_ms") else "value"
         return {label: stats[self.key], **({"best": best} if best is not None else {})}
@@ -42,7 +42,7 @@ class Target:
     def verdict(self, summary: dict) -> tuple[str, str, str]:
         """(measured, state, explanation)."""
         estimates = self.estimates(summary)
-        measured = "; ".join(f"{_num(v, self.unit)} {k}" for k, v in estimates.items())
+        measured = "; ".join(f"{number(v, self.unit)} {k}" for k, v in estimates.items())
         if self.exact:
             value = next(iter(estimates.values()))
             return measured, MET if value == self.limit else NOT_MET, "exactly 0" if value == self.limit else f"{value:.3g}"
@@ -50,7 +50,7 @@ class Target:
         return measured, state, "; ".join(f"{k} {_margin(v, self.limit, self.unit)}" for k, v in estimates.items())
 
 
-def _at(summary: dict, path: tuple[str, ...]) -> dict:
+def at(summary: dict, path: tuple[str, ...]) -> dict:
     """The statistics at `path` in a model's summary."""
     for key in path:
         summary = summary[key]
@@ -64,8 +64,8 @@ def _state(results: list[bool]) -> str:
 
 def _margin(value: float, limit: float, unit: str) -> str:
     if value <= limit:
-        return f"{_num(limit - value, unit)} under"
-    return f"{_num(value - limit, unit)} ({100 * (value - limit) / limit:.0f}%) over"
+        return f"{number(limit - value, unit)} under"
+    return f"{number(value - limit, unit)} ({100 * (value - limit) / limit:.0f}%) over"
 
 
 TARGETS = (
@@ -95,13 +95,13 @@ def verdicts(summary: dict) -> list[tuple[str, str, str, str]]:
     """(target, measured, state, explanation) for every target on one model's summary."""
     rows = []
     for target in TARGETS:
-        bound = "= 0" if target.exact else f"<= {_num(target.limit, target.unit)}"
+        bound = "= 0" if target.exact else f"<= {number(target.limit, target.unit)}"
         rows.append((f"{target.name} {bound}", *target.verdict(summary)))
     rows.insert(4, ("inference, lorakit merged / base: equal within noise", *merged_verdict(summary)))
     return rows
 
 
-def _num(value: float, unit: str) -> str:
+def number(value: float, unit: str) -> str:
     if unit == "x":
         return f"{value:.3f}x"
     if unit == "ms":
@@ -110,12 +110,12 @@ def _num(value: float, unit: str) -> str:
 
 
 # --- tables ----------------------------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list[str]], align: str) -> str:
+def table(header: list[str], rows: list[list[str]], align: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _range(stats: dict) -> str:
+def ratio_range(stats: dict) -> str:
     return f"{stats['ratio']:.3f}x ({stats['ratio_min']:.2f}-{stats['ratio_max']:.2f})"
 
 
@@ -123,9 +123,9 @@ def inference_table(summary: dict) -> str:
     names = {"base": "base", "lorakit": "lorakit, unmerged", "lorakit merged": "lorakit, merged",
              "peft": "PEFT, unmerged", "peft merged": "PEFT, merged"}
     inf = summary["inference"]
-    rows = [[label, f"{inf[key]['median_ms']:.0f}", f"{inf[key]['min_ms']:.0f}", _range(inf[key]), f"{inf[key]['best']:.3f}x"]
+    rows = [[label, f"{inf[key]['median_ms']:.0f}", f"{inf[key]['min_ms']:.0f}", ratio_range(inf[key]), f"{inf[key]['best']:.3f}x"]
             for key, label in names.items()]
-    return _table(["forward", "median ms", "best ms", "/ base: median of per-round ratios (range)", "best / best base"],
+    return table(["forward", "median ms", "best ms", "/ base: median of per-round ratios (range)", "best / best base"],
                   rows, "lrrrr")
 
 
@@ -138,18 +138,18 @@ def training_table(summary: dict) -> str:
              f"{v[k]['backward_ms']:.0f}", f"{v[k]['optimizer_ms']:.0f}", f"{v[k]['peak_rss_mb']:.0f}",
              f"{v[k]['rss_before_mb']:.0f}", f"{v[k]['added_mb']:.0f}", f"{v[k]['live_peak_mb']:.0f}"]
             for k, label in names.items()]
-    return _table(["variant", "trainable", "step ms (median)", "best", "forward", "backward", "AdamW",
+    return table(["variant", "trainable", "step ms (median)", "best", "forward", "backward", "AdamW",
                    "peak RSS MB", "RSS before MB", "added by training MB", "peak live tensors MB"], rows, "lrrrrrrrrrr")
 
 
 def training_ratio_table(summary: dict) -> str:
     r = summary["training"]["ratios"]
-    rows = [[label, _range(r[f"step {pair}"]), f"{r[f'step {pair}']['best']:.3f}x", _range(r[f"cpu {pair}"]),
+    rows = [[label, ratio_range(r[f"step {pair}"]), f"{r[f'step {pair}']['best']:.3f}x", ratio_range(r[f"cpu {pair}"]),
              f"{r[f'memory {pair}']['ratio']:.3f}x", f"{r[f'added {pair}']['ratio']:.3f}x", f"{r[f'live {pair}']['ratio']:.3f}x"]
             for pair, label in (("lorakit/full", "lorakit / full"), ("lorakit/peft", "lorakit / PEFT"),
                                 ("peft/full", "PEFT / full"), ("lorakit/floor", "lorakit / floor"),
                                 ("peft/floor", "PEFT / floor"), ("lorakit/floor-chunked", "lorakit / floor with lorakit's loss"))]
-    return _table(["ratio", "step time: median of per-round ratios (range)", "best / best",
+    return table(["ratio", "step time: median of per-round ratios (range)", "best / best",
                    "process CPU time per step", "peak RSS", "added by training", "peak live tensors"], rows, "lrrrrrr")
 
 
@@ -162,8 +162,8 @@ def io_table(summary: dict) -> str:
         entry = summary[section][op]
         digits = 3 if op == "switch" else 1
         rows.append([label, f"{entry['lorakit']['median_ms']:.{digits}f}", f"{entry['peft']['median_ms']:.{digits}f}",
-                     _range(entry["ratio"])])
-    return _table(["operation", "lorakit ms", "PEFT ms", "lorakit / PEFT"], rows, "lrrr")
+                     ratio_range(entry["ratio"])])
+    return table(["operation", "lorakit ms", "PEFT ms", "lorakit / PEFT"], rows, "lrrr")
 
 
 def precision_table(summary: dict) -> str:
@@ -176,14 +176,14 @@ def precision_table(summary: dict) -> str:
                      f"{p['changed_elements']:,} of {p['weight_elements']:,}",
                      f"{p['cycle_ms']:.1f}" if p["cycle_ms"] is not None else "-"])
     cycles = summary["precision"]["lorakit"]["cycles"]
-    return _table(["library", "adapter dtype", "max abs(merged - unmerged) logits", "bf16 vs float32 logits, unmerged (bf16's own error)",
+    return table(["library", "adapter dtype", "max abs(merged - unmerged) logits", "bf16 vs float32 logits, unmerged (bf16's own error)",
                    "max abs(W - W0), 1 cycle", f"after {cycles} cycles", f"weights changed after {cycles}",
                    "ms per cycle"], rows, "llrrrrrr")
 
 
 def verdict_table(summary: dict) -> str:
     rows = [[name, measured, f"**{state}**: {why}"] for name, measured, state, why in verdicts(summary)]
-    return _table(["target", "measured", "verdict"], rows, "lrl")
+    return table(["target", "measured", "verdict"], rows, "lrl")
 
 
 def model_block(name: str, summary: dict, level: str = "###") -> str:
@@ -282,8 +282,8 @@ def body(result: dict) -> str:
         f"Command: `{meta['command']}` (mode {meta['mode']}, run `{result['run']}`, {meta['seconds'] / 60:.1f} min). "
         f"Date: {meta['machine']['date']}.",
         "",
-        f"Machine: {machine_line(meta)}. Load average (1/5/15 min) {_load(load)} at the start and "
-        f"{_load(meta.get('loadavg_end'))} at the end; other work shares the cores, so every comparison is "
+        f"Machine: {machine_line(meta)}. Load average (1/5/15 min) {load_text(load)} at the start and "
+        f"{load_text(meta.get('loadavg_end'))} at the end; other work shares the cores, so every comparison is "
         "interleaved, its ratio taken round by round, each round started when the machine was quiet "
         f"(waited {meta.get('waited_for_quiet_s', 0):.0f} s in all) and its other work recorded. " + code_line(meta),
         "",
@@ -304,7 +304,7 @@ def body(result: dict) -> str:
     return "\n".join(parts)
 
 
-def _load(load) -> str:
+def load_text(load) -> str:
     return "/".join(f"{x:.1f}" for x in load) if load else "unknown"
 
 
@@ -315,21 +315,22 @@ def section(result: dict, notes: str) -> str:
             f"{NOTES_BEGIN}\n{notes.strip()}\n{NOTES_END}\n")
 
 
-def replace_section(text: str, new_section: str) -> str:
-    """`text` with the performance section replaced (or appended); every other section kept as it is."""
-    start = text.find(HEADING)
+def replace_section(text: str, new_section: str, heading: str = HEADING) -> str:
+    """`text` with the section under `heading` replaced (or appended); every other section kept as it is."""
+    start = text.find(heading)
     if start < 0:
         return (text.rstrip() + "\n\n" if text.strip() else "# Benchmarks\n\n") + new_section
-    following = re.search(r"^## ", text[start + len(HEADING):], re.M)
-    end = start + len(HEADING) + following.start() if following else len(text)
+    following = re.search(r"^## ", text[start + len(heading):], re.M)
+    end = start + len(heading) + following.start() if following else len(text)
     return text[:start] + new_section + ("\n" + text[end:] if following else "")
 
 
-def existing_notes(text: str) -> str:
-    start, end = text.find(NOTES_BEGIN), text.find(NOTES_END)
-    if start < 0 or end < start:
-        return "### Notes\n\n(hand-written notes on this run go here; `bench/perf.py` keeps them)"
-    return text[start + len(NOTES_BEGIN):end]
+def existing_notes(text: str, begin: str = NOTES_BEGIN, end: str = NOTES_END, script: str = "bench/perf.py") -> str:
+    """The hand-written notes between the markers `begin` and `end`, or a placeholder saying `script` keeps them."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        return f"### Notes\n\n(hand-written notes on this run go here; `{script}` keeps them)"
+    return text[start + len(begin):stop]
 
 
 def write_outputs(result: dict, settings) -> None:
@@ -375,23 +376,30 @@ def chart_rows(summary: dict) -> list[tuple[str, float, float | None, float | No
     """(label, median of per-round ratios, ratio of best times or None, target or None) per bar; the
     targets are TARGETS' ratios, and 1 for merged inference (equal to the base)."""
     limits = {t.path: t.limit for t in TARGETS if t.unit == "x"} | {("inference", "lorakit merged"): 1.0}
-    return [(label, _at(summary, path)["ratio"], _at(summary, path).get("best"), limits.get(path))
+    return [(label, at(summary, path)["ratio"], at(summary, path).get("best"), limits.get(path))
             for label, path in CHART]
 
 
 def plot(result: dict, path: Path) -> None:
-    """Bars from 1 to each ratio (log scale), one panel per model; a circle marks the ratio of best
-    times where there is one, a red tick the target."""
+    """The ratio chart of every model (bar_chart)."""
+    bar_chart({name: chart_rows(summary) for name, summary in result["models"].items()},
+              f"lorakit benchmark, run {result['run']} (below 1: lorakit or PEFT is faster / smaller)", path)
+
+
+def bar_chart(panels: dict[str, list[tuple[str, float, float | None, float | None]]], title: str, path: Path) -> None:
+    """Bars from 1 to each ratio (log scale), one panel per model (rows as chart_rows gives them, labels
+    "what: a / b", blue where a is lorakit's); a circle marks the ratio of best times where there is one,
+    a red tick the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    models = list(result["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 6.5), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], models):
-        rows = chart_rows(result["models"][name])[::-1]
+    height = max(6.5, 0.3 * max(len(rows) for rows in panels.values()) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        rows = panels[name][::-1]
         for i, (label, value, best, target) in enumerate(rows):
             ax.barh(i, value - 1, left=1, color="tab:blue" if "lorakit" in label.split(":")[1] else "tab:gray")
             ax.text(value, i, f" {value:.2f} " if value >= 1 else f"{value:.2f} ", va="center", fontsize=8,
@@ -409,7 +417,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(pm.TITLES.get(name, name), fontsize=10)
         ax.set_xlabel("ratio: bar = median of per-round ratios, circle = best / best, red = target")
         ax.margins(x=0.2)
-    fig.suptitle(f"lorakit benchmark, run {result['run']} (below 1: lorakit or PEFT is faster / smaller)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

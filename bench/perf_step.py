@@ -21,14 +21,21 @@ embeddings' output requires grad): about the least a LoRA step with adapters in 
 cost, in time and in activations kept; `floor-chunked` is the same with lorakit's loss, so that
 lorakit / floor-chunked is what lorakit's adapters themselves add.
 
-Memory: the kernel's RSS high-water mark (VmHWM) is reset just before the first step, after the
-model is built (a transient peak while reading weights does not count), and read by `stats`:
+With a `directory`, the model is loaded from there instead, its frozen base stored in `base` (float32,
+bfloat16, int8, nf4), the way each library's users load it (perf_models.load_base): lorakit through
+lk.load_base, PEFT and full fine-tuning through transformers' from_pretrained (a BitsAndBytesConfig
+for int8 and nf4).
+
+Memory: `runtime_rss_mb` is the process after its imports (`preload` ones included), before the
+model; `load_peak_rss_mb` the high-water mark while loading it, `loaded_rss_mb` the process after.
+The kernel's RSS high-water mark (VmHWM) is then reset just before the first step, and read by `stats`:
 `peak_rss_mb` is the whole process at its fullest while training (weights, gradients, AdamW
 state, activations, plus the Python/torch runtime); `rss_before_mb` is the same process just
 before the first step, so `peak_rss_mb - rss_before_mb` is what training itself added.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -45,6 +52,8 @@ from torch.profiler import record_function
 import common
 import perf_models as pm
 from common import BENCH, PHASE, rotated, torch_threads
+import lorakit as lk
+from lorakit.core.precision import is_quantized
 from lorakit.training.plan import LiveBytes
 from lorakit.training.train import summed_loss
 from perf_load import Meter, QuietGate
@@ -67,20 +76,38 @@ class StepSpec:
     targets: tuple[str, ...] = field(default=())  # empty: perf_models.TARGETS[model]
     lr: float = 1e-4
     threads: int = 2
+    base: str = "float32"  # the frozen base's precision, one of lk.BASE_DTYPES (not float32: needs `directory`)
+    directory: str | None = None  # load the model saved here (perf_models.load_base); None: perf_models.build_base
+    preload: tuple[str, ...] = field(default=())  # modules imported before anything is measured (the same for all)
+    checkpointing: bool = False  # recompute activations in backward, as `lorakit train --grad-checkpointing` does
 
     def __post_init__(self) -> None:
+        problems = []
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r}: must be one of {', '.join(VARIANTS)}")
+            problems.append(f"variant={self.variant!r}: must be one of {', '.join(VARIANTS)}")
+        if self.base not in lk.BASE_DTYPES:
+            problems.append(f"base={self.base!r}: must be one of {', '.join(lk.BASE_DTYPES)}")
+        elif self.base != "float32" and self.directory is None:
+            problems.append(f"base={self.base!r} needs directory=: the saved model both libraries load from")
+        if self.variant == "full" and self.base != "float32":
+            problems.append(f"base={self.base!r} with variant='full': full fine-tuning trains a float32 model")
+        if problems:
+            raise ValueError("; ".join(problems))
         object.__setattr__(self, "targets", tuple(self.targets) or pm.TARGETS[self.model])
+        object.__setattr__(self, "preload", tuple(self.preload))
 
 
 class Trainer:
     """The model, its optimiser and the batch of one configuration; `step()` times one step."""
 
     def __init__(self, spec: StepSpec) -> None:
+        for module in spec.preload:
+            importlib.import_module(module)
+        self.runtime_rss = pm.rss_mb()
         started = time.perf_counter()
         self.spec = spec
         self.model, self.params = prepare(spec)
+        self.load_peak_rss, self.loaded_rss = pm.peak_rss_mb(), pm.rss_mb()  # before the first step resets the mark
         # The floor trains nothing: its AdamW holds one empty parameter (never given a gradient), so
         # every variant runs the same zero_grad/step calls.
         self.optimizer = torch.optim.AdamW(self.params or [torch.nn.Parameter(torch.zeros(0))], lr=spec.lr)
@@ -133,9 +160,18 @@ class Trainer:
         """The configuration and its memory so far (MB), then one tracked step's live tensors."""
         so_far = {**asdict(self.spec), "trainable": sum(p.numel() for p in self.params),
                   "total": sum(p.numel() for p in self.model.parameters()), "setup_s": self.setup_s,
-                  "rss_before_mb": self.rss_before, "peak_rss_mb": pm.peak_rss_mb() if self.peak_reset else None,
-                  "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                  "runtime_rss_mb": self.runtime_rss, "load_peak_rss_mb": self.load_peak_rss,
+                  "loaded_rss_mb": self.loaded_rss, "rss_before_mb": self.rss_before,
+                  "peak_rss_mb": pm.peak_rss_mb() if self.peak_reset else None,
+                  "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **self.held()}
         return {**so_far, **self.live_tensors()}
+
+    def held(self) -> dict:
+        """What the base and the trainable parameters are stored in, as measured on the model."""
+        return {"precision": lk.precision_of(self.model),
+                "quantized_layers": sum(is_quantized(m) and type(m).__module__.startswith("bitsandbytes")
+                                        for m in self.model.modules()),  # not the adapter layers around them
+                "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in self.params})}
 
     def profile(self) -> dict:
         """torch.profiler over one more step: the ops by self CPU time and by the memory they allocated,
@@ -154,7 +190,10 @@ class Trainer:
 
 def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """The model in train mode with the variant's trainable parameters."""
-    model = pm.build_base(spec.model)
+    if spec.directory is None:
+        model = pm.build_base(spec.model)
+    else:
+        model = pm.load_base(spec.directory, spec.base, "lorakit" if spec.variant in CHUNKED_LOSS else "transformers")
     if spec.variant == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -167,6 +206,8 @@ def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
     else:
         model = pm.add_peft(model, spec.targets, spec.rank, spec.alpha)
+    if spec.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
 
