@@ -35,7 +35,7 @@ quick: install
 bench: install
 	$(PY) bench/perf.py $(BENCH_ARGS)
 
-# LoRA on a float32 / bfloat16 / int8 / nf4 base, lorakit vs PEFT (+ bitsandbytes) vs full fine-tuning (about 15 min);
+# LoRA on a float32 / bfloat16 / int8 / nf4 base, lorakit vs PEFT (+ bitsandbytes) vs full fine-tuning (about 10 min);
 # writes the "Base precision" section of bench/RESULTS.md and bench/results/precision.*; BENCH_ARGS=--quick as above.
 bench-precision: install
 	$(PY) bench/precision.py $(BENCH_ARGS)

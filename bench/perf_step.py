@@ -107,7 +107,8 @@ class Trainer:
         started = time.perf_counter()
         self.spec = spec
         self.model, self.params = prepare(spec)
-        self.load_peak_rss, self.loaded_rss = pm.peak_rss_mb(), pm.rss_mb()  # before the first step resets the mark
+        self.loaded_rss = pm.rss_mb()
+        self.load_peak_rss = pm.peak_rss_mb()  # after RSS, so that it covers it; before the first step resets it
         # The floor trains nothing: its AdamW holds one empty parameter (never given a gradient), so
         # every variant runs the same zero_grad/step calls.
         self.optimizer = torch.optim.AdamW(self.params or [torch.nn.Parameter(torch.zeros(0))], lr=spec.lr)

@@ -1,6 +1,6 @@
 """Benchmark: LoRA training on a low-precision or quantized frozen base, lorakit vs PEFT at the same precision.
 
-    .venv/bin/python bench/precision.py            # full run (`make bench-precision`): about 15 minutes on 2 CPU cores
+    .venv/bin/python bench/precision.py            # full run (`make bench-precision`): about 10 minutes on 2 quiet CPU cores
     .venv/bin/python bench/precision.py --quick    # smoke run: 1 warm-up + 2 timed rounds; RESULTS.md untouched
 
 Per model (GPT-2 small, random init; SmolLM2-135M), with the same rank-8 adapter (alpha 16, no dropout)
@@ -75,8 +75,8 @@ class Settings:
     """One benchmark run."""
 
     # one warm-up round (AdamW allocates its state, the weights' file pages are read in), then timed rounds
-    cases: tuple[perf.Case, ...] = (perf.Case("gpt2-small", train_warmup=1, train_steps=8),
-                                    perf.Case("smollm2-135m", train_warmup=1, train_steps=8))
+    cases: tuple[perf.Case, ...] = (perf.Case("gpt2-small", train_warmup=1, train_steps=6),
+                                    perf.Case("smollm2-135m", train_warmup=1, train_steps=6))
     configs: tuple[str, ...] = tuple(CONFIGS)
     rank: int = 8
     alpha: float = 16.0
@@ -164,7 +164,7 @@ def settings_from(argv: list[str] | None) -> Settings:
                              "(not RESULTS.md or precision.png)")
     parser.add_argument("--models", nargs="+", choices=("gpt2-small", "smollm2-135m"),
                         help="models to measure (default: both)")
-    parser.add_argument("--steps", type=int, help="timed rounds per model (default: 8)")
+    parser.add_argument("--steps", type=int, help="timed rounds per model (default: 6)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step")
     parser.add_argument("--no-results-md", action="store_true", help="do not write bench/RESULTS.md or precision.png")
     parser.add_argument("--label", default="", help="note kept with the run, e.g. what else the machine runs")
