@@ -17,6 +17,7 @@ from ..io.adapter_files import adapter_info
 from ..serving.cache import AdapterCache
 from ..serving.inference import adapter_task, generate, load_for_inference, merge_to_folder
 from ..serving.prompts import load_prompts
+from ..serving.server import ServeConfig, serve
 from ..training.batches import padding_id
 from ..training.config import TrainConfig
 from ..training.datasets import load_dataset
@@ -257,3 +258,9 @@ def _base_text(base) -> str:
         return base.base_dtype
     blocks = f"{base.block_size}-weight blocks, " + ("double quant, " if base.double_quant else "")
     return f"{base.base_dtype} ({blocks if base.base_dtype == 'nf4' else ''}{base.compute_dtype} compute)"
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+def run_serve(args: argparse.Namespace) -> int:
+    serve(config_from_args(ServeConfig, args))
+    return 0

@@ -45,6 +45,15 @@ def adapter_option(text: str) -> tuple[str | None, str]:
     return name, directory
 
 
+def named_adapter(text: str) -> tuple[str, str]:
+    """serve's --adapter: NAME=DIR, an adapter that requests name as their `model`."""
+    name, equals, directory = text.partition("=")
+    if not equals or not ADAPTER_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=DIR, e.g. kjv=out/demo/kjv/adapter (NAME: letters, "
+                                         "digits, '_' or '-')")
+    return name, existing_directory(directory)
+
+
 def names(text: str) -> tuple[str, ...]:
     """'q_proj,v_proj' -> ('q_proj', 'v_proj')."""
     items = split_names(text)

@@ -15,7 +15,8 @@ from ..training.config import TrainConfig
 from ..training.datasets import TASKS
 from ..training.plan import PlanConfig
 from . import commands
-from .options import add_dataclass_options, adapter_option, existing_directory, existing_file
+from ..serving.server import ServeConfig
+from .options import add_dataclass_options, adapter_option, existing_directory, existing_file, named_adapter
 
 EXAMPLES = {
     "train": "lorakit train --model smollm2-135m --data data/kjv_sample.txt --steps 100 --out out/run",
@@ -24,9 +25,10 @@ EXAMPLES = {
     "merge": "lorakit merge --model smollm2-135m --adapter out/run/adapter --out out/merged",
     "inspect": "lorakit inspect out/run/adapter",
     "analyze": "lorakit analyze out/r8/adapter --compare out/r64/adapter --base minilm-l6 --out out/analysis",
+    "serve": "lorakit serve --model smollm2-135m --adapter kjv=out/demo/kjv/adapter --port 8000",
     "plan": "lorakit plan --model smollm2-135m --rank 8 --targets q_proj,v_proj --batch 8 --seq 128",
 }
-DESCRIPTION = "Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect, analyze, plan."
+DESCRIPTION = "Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect, analyze, plan, serve."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "and full fine-tuning (builds the model without its weights)", commands.run_plan)
     add_dataclass_options(planner, PlanConfig)
     planner.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    server = command("serve", "serve the base and many adapters behind the OpenAI API (completions and chat, "
+                              "streaming), with continuous batching across adapters", commands.run_serve)
+    server.add_argument("--adapter", dest="adapters", action="append", default=[], type=named_adapter,
+                        metavar="NAME=DIR", help="an adapter requests name as their model (repeatable)")
+    add_dataclass_options(server, ServeConfig, skip=("adapters",))
     return parser
 
 

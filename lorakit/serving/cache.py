@@ -72,6 +72,15 @@ class AdapterCache:
                 self._forget(name)  # a new folder for an old name: the next use loads the new one
             self._directories[name] = directory
 
+    def unregister(self, name: str) -> None:
+        """Forget `name`: deleted from the model if loaded; refused while an open batch() uses it."""
+        if name not in self._directories:
+            raise LoraError(f"adapter {name!r} is not registered; registered: {self._shown_names()}")
+        if name in self._in_use:
+            raise LoraError(f"adapter {name!r} is in use by an open cache.batch(); unregister it after the block")
+        self._forget(name)
+        del self._directories[name]
+
     def registered(self) -> list[str]:
         """Every registered name, in registration order."""
         return list(self._directories)
