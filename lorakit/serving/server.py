@@ -70,7 +70,8 @@ class ServeConfig:
         if not 0 <= self.port < 65536:
             problems.append(f"port={self.port!r}: must be 0-65535")
         if self.runtime_lora and self.adapter_root is None:
-            problems.append("runtime_lora=True: give adapter_root, the folder runtime loads may read from")
+            problems.append(f"adapter_root={self.adapter_root!r}: runtime_lora=True needs the folder runtime loads "
+                            "may read from")
         if problems:
             raise LoraError("; ".join(problems))
 
