@@ -59,13 +59,15 @@ class ServeConfig:
     max_batch: int = option(32, "requests decoded together")
     max_queue: int = option(256, "requests waiting beyond the batch; more are refused with 429")
     max_tokens: int = option(512, "the most tokens a request may generate (larger max_tokens are capped)")
+    prefill_tokens: int = option(512, "prompt tokens prefilled per step, at most (one longer prompt still goes alone): "
+                                      "what new requests may cost the running ones' next token")
     max_model_len: int = option(2048, "prompt plus generated tokens, at most (and at most the model's context)")
     runtime_lora: bool = option(False, "enable /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", tuple((str(n), str(d)) for n, d in self.adapters))
         problems = [f"{name}={getattr(self, name)!r}: must be a positive integer"
-                    for name in ("max_loaded", "max_batch", "max_queue", "max_tokens", "max_model_len")
+                    for name in ("max_loaded", "max_batch", "max_queue", "max_tokens", "prefill_tokens", "max_model_len")
                     if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
         if not 0 <= self.port < 65536:
             problems.append(f"port={self.port!r}: must be 0-65535")
@@ -93,7 +95,8 @@ class Served:
             raise LoraError(f"adapter {self.base_name!r}: the base model has that name; rename the adapter")
         self.metrics = ServeMetrics(self.cache)
         self.engine = Engine(self.model, self.tokenizer, self.cache, max_batch=config.max_batch,
-                             max_queue=config.max_queue, max_model_len=config.max_model_len, observer=self.metrics)
+                             max_queue=config.max_queue, max_model_len=config.max_model_len,
+                             prefill_tokens=config.prefill_tokens, observer=self.metrics)
         self.created = int(time.time())
 
     def _root_adapters(self) -> dict[str, Path]:
