@@ -8,8 +8,9 @@ their source:
   is refused; bias must be "none" ("Adapter bias is not supported"; older versions needed
   --enable-lora-bias); r must not exceed the server's --max-lora-rank (vllm/config/lora.py: 16 by
   default). The scale is lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, one number for the
-  whole adapter: the releases read have no rank_pattern or alpha_pattern field (from_dict drops
-  fields it does not know), so a module with its own rank or alpha is mis-scaled.
+  whole adapter: most versions read have no rank_pattern or alpha_pattern field (from_dict drops
+  fields it does not know), so a module with its own rank or alpha is mis-scaled; only the newest
+  reads them (PEFTHelper.get_rank_and_scaling), and LoRAX never does.
 - vLLM, vllm/lora/lora_model.py (LoRAModel.from_local_checkpoint) and vllm/lora/utils.py
   (parse_fine_tuned_lora_name): every tensor must be a module's lora_A/lora_B.weight (or
   lora_embedding_A/B) and the module one of the model's LoRA modules: its linear layers, and its
