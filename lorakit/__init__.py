@@ -8,6 +8,7 @@ from .core.config import LoraConfig
 from .errors import LoraError
 from .core.inject import inject_, resolve_modules_to_save, resolve_targets
 from .io.adapter_files import adapter_info, load_adapter, save_adapter
+from .io.export import export_adapter, servability
 from .core.layers import LoraAdapter, LoraLayer, lora_layers
 from .core.lowrank import delta_weight, lora_scale
 from .core.merge import merge_, merge_dense_, unload_, unmerge_
@@ -43,6 +44,7 @@ __all__ = [
     "disabled",
     "effective_rank",
     "energy_rank",
+    "export_adapter",
     "inject_",
     "load_adapter",
     "load_base",
@@ -61,6 +63,7 @@ __all__ = [
     "resolve_targets",
     "save_adapter",
     "saved_modules",
+    "servability",
     "set_active",
     "spectrum",
     "subspace_similarity",

@@ -60,7 +60,7 @@ def ok(argv: list[str]) -> str:
 def test_top_level_help_lists_every_subcommand_with_an_example():
     code, out, _ = run(["--help"])
     assert code == 0
-    for command in ("train", "eval", "generate", "merge", "inspect", "plan", "analyze"):
+    for command in ("train", "eval", "generate", "merge", "inspect", "export", "plan", "analyze"):
         assert command in out and f"lorakit {command} " in out
 
 
@@ -140,6 +140,7 @@ def test_the_lora_options_cover_every_loraconfig_field():
                   "--no-chat", "--json"]),
     ("merge", ["--model", "--adapter", "--out", "--dtype", "--force"]),
     ("inspect", ["ADAPTER", "--json"]),
+    ("export", ["ADAPTER", "--for", "vllm", "--out", "--force"]),
     ("plan", ["--model", "--rank", "--targets", "--batch", "--seq", "--json"]),
     ("analyze", ["ADAPTER", "--compare", "--base", "--targets", "--rank", "--directions", "--basis", "--out",
                  "--no-progress"]),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import lorakit as lk
 import reference
-from lorakit.core.lowrank import lowrank_linear
+from lorakit.core.lowrank import lowrank_linear, padded_to_rank
 
 
 @pytest.mark.parametrize("rank, alpha", [(1, 1.0), (8, 16.0), (16, 8.0), (3, 7.5), (64, 128)])
@@ -45,6 +45,18 @@ def test_delta_weight_is_exact_for_exactly_representable_factors():
     # k/16 entries: every product and partial sum is exact in float32, in any summation order.
     A, B = _factors(1, rank=6, d_out=7, fan_in=9, dyadic=True)
     assert torch.equal(lk.delta_weight(A, B, 2.0), reference.update(A, B, 2.0))
+
+
+@pytest.mark.parametrize("rank, to", [(2, 5), (3, 3)])
+def test_padding_to_a_larger_rank_leaves_the_update_exactly_as_it_was(rank, to):
+    A, B = _factors(3, rank=rank, d_out=6, fan_in=5)
+    A2, B2 = padded_to_rank(A, B, to)
+    assert A2.shape == (to, 5) and B2.shape == (6, to)
+    assert torch.equal(A2[:rank], A) and torch.equal(B2[:, :rank], B)
+    assert not A2[rank:].any() and not B2[:, rank:].any()
+    # rank 2: each entry sums two nonzero products, plus zeros: one rounding, in any summation order
+    assert torch.equal(reference.update(A2, B2, 0.5), reference.update(A, B, 0.5))
+    assert (A2 is A and B2 is B) == (rank == to)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

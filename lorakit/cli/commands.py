@@ -14,6 +14,7 @@ from ..core.precision import BasePrecision
 from ..core.lowrank import lora_scale
 from ..errors import LoraError
 from ..io.adapter_files import adapter_info
+from ..io.export import VLLM_MAX_LORA_RANKS, Reason, export_adapter, servability, vllm_max_lora_rank
 from ..serving.cache import AdapterCache
 from ..serving.inference import adapter_task, generate, load_for_inference, merge_to_folder
 from ..serving.prompts import load_prompts
@@ -188,6 +189,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     info = adapter_info(args.adapter)
     c = info["config"]
     info["scale"] = lora_scale(c["rank"], c["alpha"], c["rslora"])
+    info["servable"], servable_line = _servable(args.adapter)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -208,7 +210,47 @@ def run_inspect(args: argparse.Namespace) -> int:
     lines.append(f"modules:      {info['modules']} adapted, {info['parameters']:,} parameters "
                  f"({', '.join(info['dtypes'])})")
     lines.append("files:        " + ", ".join(f"{name} {_size(size)}" for name, size in info["files"].items()))
+    lines.append(f"vLLM/LoRAX:   {servable_line}")
     print("\n".join(lines))
+    return 0
+
+
+def _servable(adapter: str) -> tuple[dict, str]:
+    """inspect's "servable" entry and line: whether vLLM and LoRAX serve the adapter as is, and if not, why."""
+    try:
+        reasons = servability(adapter)
+    except LoraError as err:  # the header reads but the tensors do not (damaged, or an A without its B)
+        return {"server": "vllm", "error": str(err)}, f"cannot tell: {err}"
+    entry = {"server": "vllm", "as_is": not reasons, "after_export": all(r.fixable for r in reasons),
+             "reasons": [{"field": r.field, "text": r.text, "export_fixes": r.fixable} for r in reasons]}
+    return entry, _servable_text(reasons)
+
+
+def _servable_text(reasons: list[Reason]) -> str:
+    """'servable as is', or why not and what `lorakit export` can do about it."""
+    if not reasons:
+        return "servable as is"
+    fixes = sorted({r.field for r in reasons if r.fixable})
+    stays = sorted({r.field for r in reasons if not r.fixable})
+    verdict = ("can fix all of this" if not stays else "cannot fix this" if not fixes
+               else f"can fix {', '.join(fixes)} but not {', '.join(stays)}")
+    return f"not servable as is: {'; '.join(r.text for r in reasons)}; `lorakit export --for vllm` {verdict}"
+
+
+# --- export ----------------------------------------------------------------------------------------------
+def run_export(args: argparse.Namespace) -> int:
+    fixed = servability(args.adapter, args.server)  # export refuses, naming them, if any is not fixable
+    out = export_adapter(args.adapter, args.out, args.server, args.force)
+    info = adapter_info(out)
+    rank = info["config"]["rank"]
+    print(f"exported {args.adapter} for vLLM/LoRAX: {out} (rank {rank}, lora_alpha {rank}, {info['modules']} "
+          f"modules, {_size(_folder_bytes(out))})" + (f"; fixed: {', '.join(r.field for r in fixed)}" if fixed else ""))
+    max_rank = vllm_max_lora_rank(rank)
+    if max_rank is None:
+        print(f"vLLM accepts --max-lora-rank up to {VLLM_MAX_LORA_RANKS[-1]}, below this adapter's rank {rank}")
+    else:
+        print(f"serve it: vllm serve {info['base_model'] or 'BASE_MODEL'} --enable-lora --max-lora-rank {max_rank} "
+              f"--lora-modules {out.name}={out}")
     return 0
 
 

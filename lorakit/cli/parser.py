@@ -1,7 +1,7 @@
 """The `lorakit` argument parser: one subcommand per command, each with its help and an example.
 
 train, plan and analyze take their options from TrainConfig, PlanConfig (both with LoraConfig's
-fields) and AnalyzeConfig; eval, generate, merge and inspect spell theirs out here.
+fields) and AnalyzeConfig; eval, generate, merge, inspect and export spell theirs out here.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import dataclasses
 from .. import __version__
 from ..analysis.report import AnalyzeConfig
 from ..core.precision import BasePrecision
+from ..io.export import SERVERS
 from ..training.config import TrainConfig
 from ..training.datasets import TASKS
 from ..training.plan import PlanConfig
@@ -24,11 +25,14 @@ EXAMPLES = {
     "generate": 'lorakit generate --model smollm2-135m --adapter out/run/adapter --prompt "Who made the heaven?"',
     "merge": "lorakit merge --model smollm2-135m --adapter out/run/adapter --out out/merged",
     "inspect": "lorakit inspect out/run/adapter",
+    "export": "lorakit export out/run/adapter --for vllm --out out/run/adapter-vllm",
     "analyze": "lorakit analyze out/r8/adapter --compare out/r64/adapter --base minilm-l6 --out out/analysis",
     "serve": "lorakit serve --model smollm2-135m --adapter kjv=out/demo/kjv/adapter --port 8000",
     "plan": "lorakit plan --model smollm2-135m --rank 8 --targets q_proj,v_proj --batch 8 --seq 128",
 }
-DESCRIPTION = "Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect, analyze, plan, serve."
+ADAPTER_HELP = "adapter folder (adapter_config.json + adapter_model.safetensors)"
+DESCRIPTION = ("Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect, export for "
+               "vLLM/LoRAX, analyze, plan, serve.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(or each prompt with its own adapter)", commands.run_generate))
     _merge_options(command("merge", "fold an adapter into the base weights and save a plain transformers model "
                                     "folder", commands.run_merge))
-    inspect = command("inspect", "describe an adapter folder: config, size, lorakit metadata (reads no pickle)",
-                      commands.run_inspect)
-    inspect.add_argument("adapter", type=existing_directory, metavar="ADAPTER",
-                         help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    inspect = command("inspect", "describe an adapter folder: config, size, lorakit metadata, whether vLLM and "
+                                 "LoRAX can serve it as is (reads no pickle)", commands.run_inspect)
+    inspect.add_argument("adapter", type=existing_directory, metavar="ADAPTER", help=ADAPTER_HELP)
     inspect.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _export_options(command("export", "write a copy of an adapter that vLLM and LoRAX serve as is: one rank and "
+                                      "lora_alpha = rank, each module's scale folded into its B and smaller ranks "
+                                      "zero-padded (the same outputs); refuses what has no such form",
+                            commands.run_export))
     analyzer = command("analyze", "what an update learned (the LoRA paper's section 7): spectra and effective rank, "
                                   "subspace similarity with --compare, amplification of W with --base; writes "
                                   "report.md, report.json and PNG figures", commands.run_analyze)
@@ -75,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="NAME=DIR", help="an adapter requests name as their model (repeatable)")
     add_dataclass_options(server, ServeConfig, skip=("adapters",))
     return parser
+
+
+def _export_options(export: argparse.ArgumentParser) -> None:
+    export.add_argument("adapter", type=existing_directory, metavar="ADAPTER", help=ADAPTER_HELP)
+    export.add_argument("--for", dest="server", required=True, choices=SERVERS,
+                        help="the server whose rules to meet: vllm (LoRAX reads the same subset of PEFT's format)")
+    export.add_argument("--out", required=True, help="folder to write (appears whole or not at all)")
+    export.add_argument("--force", action="store_true", help="replace --out if it already holds files")
 
 
 def train_default(name: str):

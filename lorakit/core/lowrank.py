@@ -32,6 +32,18 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, groups: int = 1
     return (scale * torch.bmm(b, a)).reshape(d_out, -1)
 
 
+def padded_to_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, fan_in) and B (d_out, r) zero-padded to `rank` >= r: (rank, fan_in) and (d_out, rank).
+
+    The added rows of A and columns of B are zero, so B @ A, and every output, is unchanged exactly.
+    Returned as they are (no copy) when r == rank.
+    """
+    extra = rank - A.shape[0]
+    if extra == 0:
+        return A, B
+    return F.pad(A, (0, 0, 0, extra)), F.pad(B, (0, extra))
+
+
 def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * (x @ A.T) @ B.T without forming B @ A. x: (..., d_in) -> (..., d_out).
 

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraError
 from .identity import adapters, followers, merged_adapter, temporarily
 from .layers import LoraLayer, lora_layers
+from .lowrank import padded_to_rank
 from .modules_to_save import ModuleToSave
 
 
@@ -51,9 +51,9 @@ class Routing:
             return cached[1]
         dtype = functools.reduce(torch.promote_types, (a.A.dtype for a in parts))  # adapters may differ in dtype
         r_max = max(a.rank for a in parts)
-        pad = [r_max - a.rank for a in parts]  # padding only where needed: F.pad copies
-        A = torch.stack([F.pad(a.A, (0, 0, 0, k)) if k else a.A for a, k in zip(parts, pad)]).to(dtype)
-        B = torch.stack([F.pad(a.B, (0, k)) if k else a.B for a, k in zip(parts, pad)]).to(dtype)
+        padded = [padded_to_rank(a.A, a.B, r_max) for a in parts]  # copies only where padded
+        A = torch.stack([A for A, _ in padded]).to(dtype)
+        B = torch.stack([B for _, B in padded]).to(dtype)
         slot = {n: i for i, n in enumerate(n for n in self.present if layer.holds(n))}
         index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
         scale = torch.tensor([parts[slot[n]].scale if n in slot else 0.0 for n in self.names], dtype=A.dtype,

@@ -26,14 +26,14 @@ from ..core.adapters import unwrap_empty_
 from ..core.config import LoraConfig
 from ..core.identity import FOLLOWER_TYPES, active_adapter, adapter_config, check_adapter_name, followers
 from ..core.inject import attach_, base_of, candidate_modules, check_not_merged, new_parts, resolve
-from ..core.layers import LoraAdapter, LoraEmbedding, LoraLayer, layer_class_for
+from ..core.layers import LoraAdapter, LoraLayer, layer_class_for
 from ..core.modules_to_save import ModuleToSave
 from ..core.precision import precision_of
 from ..errors import LoraError, problems_error
 from . import peft
 from .files import write_atomically
 from .integrity import base_fingerprint, fingerprint_problems, is_fingerprint, modules_precision, tensor_checksum
-from .peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+from .peft import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = "3"  # 3: tensor checksum, config read back; 2: sampled base fingerprint; 1: full fingerprint
 FINGERPRINT_VERSIONS = ("2", "3")  # versions whose fingerprints compare with this one's
@@ -305,28 +305,25 @@ def _check_fingerprint(modules: dict[str, nn.Module], paths: list[str], metadata
         )
 
 
+# --- reading the files as they are --------------------------------------------------------------
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(adapter_config.json, tensors by PEFT key, safetensors metadata) of an adapter folder, read
+    without a model: the config type-checked, the tensors finite and matching their checksum."""
+    directory = check_adapter_directory(directory)
+    raw = peft.read_config(directory)
+    tensors, metadata = _read_weights(directory / WEIGHTS_FILE)
+    return raw, tensors, metadata
+
+
 # --- reading the factors alone --------------------------------------------------------------------
 def read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scale) per adapted module of an adapter folder, read without a model: enough to study
     the update dW = scale * B @ A itself (lorakit.analysis). Paths are the file's own; A is
     (r, fan_in[, *kernel]), B (d_out, r[, *ones]), as stored."""
-    directory = check_adapter_directory(directory)
-    raw = peft.read_config(directory)
-    tensors, _ = _read_weights(directory / WEIGHTS_FILE)
-    pairs = {}
-    for key, A in tensors.items():
-        found = peft.FACTOR_KEY.fullmatch(key)
-        if found is None:
-            continue
-        path = found.group(1)
-        key_b = peft.factor_keys(LoraEmbedding if found.group(2) == "embedding_A" else LoraLayer, path)[1]
-        if key_b not in tensors:
-            raise LoraError(f"{directory / WEIGHTS_FILE}: {key!r} has no matching {key_b!r}; save the adapter again")
-        pairs[path] = (A, tensors[key_b])
-    if not pairs:
-        raise LoraError(f"{directory / WEIGHTS_FILE}: holds no LoRA factors (keys like {PREFIX}<module>.lora_A.weight)")
+    raw, tensors, _ = read_adapter(directory)
+    pairs = peft.factor_pairs(tensors, Path(directory) / WEIGHTS_FILE)
     config = peft.lorakit_config(raw, list(pairs), [])
-    return {path: (A, B, config.scale_for(path)) for path, (A, B) in pairs.items()}
+    return {path: (tensors[a], tensors[b], config.scale_for(path)) for path, (a, b) in pairs.items()}
 
 
 # --- inspecting -------------------------------------------------------------------------------------

@@ -159,19 +159,27 @@ def peft_config(model: nn.Module, modules: Modules, config: LoraConfig, paths: l
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     by_leaf = [p for p, _ in modules if any(names_module(p, leaf) for leaf in leaves)]
     targets = leaves if sorted(by_leaf) == sorted(paths) else sorted(paths)
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    fan_in_fan_out = any(isinstance(layers[p], LoraConv1D) for p in paths)
+    return config_json(config, paths, targets, task, name or None, fan_in_fan_out, saved)
+
+
+def config_json(config: LoraConfig, paths: list[str], targets: list[str], task: str | None,
+                base_model: str | None, fan_in_fan_out: bool, saved: list[str]) -> dict:
+    """adapter_config.json for `config` on the modules `paths`, which `targets` selects by PEFT's rules;
+    each module's rank and alpha other than the config's own go in rank_pattern/alpha_pattern."""
     rank_pattern = {re.escape(p): config.rank_for(p) for p in paths if config.rank_for(p) != config.rank}
     alpha_pattern = {re.escape(p): config.alpha_for(p) for p in paths if config.alpha_for(p) != config.alpha}
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     return {
         "peft_type": "LORA",
         "task_type": task,
-        "base_model_name_or_path": name or None,
+        "base_model_name_or_path": base_model,
         "r": config.rank,
         "lora_alpha": config.alpha,
         "target_modules": targets,
         "exclude_modules": None,
         "lora_dropout": config.dropout,
-        "fan_in_fan_out": any(isinstance(layers[p], LoraConv1D) for p in paths),
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": config.bias,
         "use_rslora": config.rslora,
         "rank_pattern": rank_pattern,
@@ -287,6 +295,23 @@ def factor_keys(layer_type: type[LoraLayer], path: str) -> tuple[str, str]:
 
 
 FACTOR_KEY = re.compile(rf"{re.escape(PREFIX)}(.+)\.lora_(A\.weight|embedding_A)")  # a key of A: (path, kind)
+
+
+def factor_pairs(tensors: dict, where: Path) -> dict[str, tuple[str, str]]:
+    """Module path -> (key of A, key of B) of every LoRA factor pair among `tensors` (read from `where`)."""
+    pairs = {}
+    for key in tensors:
+        found = FACTOR_KEY.fullmatch(key)
+        if found is None:
+            continue
+        path = found.group(1)
+        key_b = factor_keys(LoraEmbedding if found.group(2) == "embedding_A" else LoraLayer, path)[1]
+        if key_b not in tensors:
+            raise LoraError(f"{where}: {key!r} has no matching {key_b!r}; save the adapter again")
+        pairs[path] = (key, key_b)
+    if not pairs:
+        raise LoraError(f"{where}: holds no LoRA factors (keys like {PREFIX}<module>.lora_A.weight)")
+    return pairs
 
 
 def copy_keys(path: str, state: dict) -> dict[str, str]:

@@ -312,7 +312,7 @@ class Engine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward([r.adapter for r in requests], input_ids=ids, attention_mask=mask,
-                            position_ids=positions, past_key_values=DynamicCache(config=self.model.config))
+                            position_ids=positions, cache=DynamicCache(config=self.model.config))
         new = _Rows(list(requests), out.past_key_values, mask, mask.sum(-1), None)
         _check_cache(new.cache)
         new.last = self._sample(out.logits[:, -1], requests)
@@ -325,7 +325,7 @@ class Engine:
         rows.mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
         out = self._forward([r.adapter for r in rows.requests], input_ids=rows.last[:, None],
                             attention_mask=rows.mask, position_ids=rows.lengths[:, None],
-                            past_key_values=rows.cache)
+                            cache=rows.cache)
         rows.cache, rows.lengths = out.past_key_values, rows.lengths + 1
         rows.last = self._sample(out.logits[:, -1], rows.requests)
         self._after_tokens(list(rows.requests), rows.last.tolist(), range(len(rows.requests)))

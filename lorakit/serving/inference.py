@@ -10,8 +10,6 @@ classifier gets a head with the right labels before the adapter's weights go in.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from ..training.batches import padding_id
 from ..training.datasets import TASKS
 from ..errors import LoraError
 from ..io.adapter_files import adapter_info, load_adapter
+from ..io.files import check_out_folder, write_folder_atomically
 from ..core.merge import merge_dense_
 from ..core.precision import BasePrecision, requantize_
 from ..zoo import HEADS, load_task_model, load_tokenizer, model_directory
@@ -140,57 +139,25 @@ def merge_to_folder(model: str | os.PathLike, adapter: str | os.PathLike, out: s
     The folder is written beside `out` and renamed into place: `out` is never half written.
     An `out` that already holds files is replaced only with force=True.
     """
-    out = Path(out)
-    _check_merge_target(out, model, adapter, force)
+    out = _check_merge_target(out, model, adapter, force)
     if requantize and not base.quantized:
         raise LoraError(f"requantize=True: base_dtype={base.base_dtype!r} is not quantized; re-quantizing "
                         "needs --base-dtype int8 or nf4")
     loaded = load_for_inference(model, adapter, base=base)
     plain = merge_dense_(loaded.model, dtype)
     report = requantize_(plain, base, keep=HEADS) if requantize else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        plain.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        # mkdtemp and safetensors make owner-only folders and files; the result is an ordinary folder.
-        os.chmod(tmp, 0o777 & ~_umask())
-        for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~_umask())
-        _replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+
+    write_folder_atomically(out, write, force)
     return out, report
 
 
-def _check_merge_target(out: Path, model, adapter, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LoraError(f"out={str(out)!r} is a file; give a folder to write the merged model to")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise LoraError(f"out={str(out)!r} already holds files; choose a new folder, or pass force=True to replace it")
+def _check_merge_target(out, model, adapter, force: bool) -> Path:
+    out = check_out_folder(out, force)
     sources = {model_directory(model).resolve(), Path(adapter).resolve()}
     if out.resolve() in sources:
         raise LoraError(f"out={str(out)!r} is the folder being merged from; choose another folder")
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing `target` is moved aside first and deleted after."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:  # put the old folder back
-            os.replace(old / target.name, target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return out
