@@ -142,6 +142,14 @@ def create_app(served: Served) -> FastAPI:
         message = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid request body")
         return _error_response(served, request, ApiError(400, message, param=where))
 
+    _info_routes(app, served, auth)
+    _generation_routes(app, served, auth)
+    if served.config.runtime_lora:
+        _adapter_routes(app, served, auth)
+    return app
+
+
+def _info_routes(app: FastAPI, served: Served, auth: list) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": served.engine.running, "waiting": served.engine.waiting}
@@ -157,6 +165,8 @@ def create_app(served: Served) -> FastAPI:
         cards += [api.model_card(n, served.base_name, served.created, n in loaded) for n in served.cache.registered()]
         return {"object": "list", "data": cards}
 
+
+def _generation_routes(app: FastAPI, served: Served, auth: list) -> None:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: api.CompletionRequest, request: HttpRequest):
         body.refuse_unsupported(api.UNSUPPORTED)
@@ -173,10 +183,6 @@ def create_app(served: Served) -> FastAPI:
         ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
         return await _answer(served, request, "chat", body, [ids], body.token_limit())
 
-    if served.config.runtime_lora:
-        _adapter_routes(app, served, auth)
-    return app
-
 
 def _adapter_routes(app: FastAPI, served: Served, auth: list) -> None:
     @app.post("/v1/load_lora_adapter", dependencies=auth)
@@ -185,9 +191,6 @@ def _adapter_routes(app: FastAPI, served: Served, auth: list) -> None:
             check_adapter_name(body.lora_name)
         except LoraError as err:
             raise ApiError(400, str(err), param="lora_name")
-        if body.lora_name == served.base_name or body.lora_name in served.cache.registered():
-            raise ApiError(400, f"adapter {body.lora_name!r} is already registered; unload it first",
-                           param="lora_name")
         directory = _under_root(served.root, body.lora_path)
         future = served.engine.call(lambda: _load_now(served, body.lora_name, directory))
         await asyncio.wrap_future(future)
@@ -205,6 +208,8 @@ def _adapter_routes(app: FastAPI, served: Served, auth: list) -> None:
 def _load_now(served: Served, name: str, directory: Path) -> None:
     """On the engine thread: register `name` and load it with the strict loader; on failure, nothing stays."""
     cache = served.cache
+    if name == served.base_name or name in cache.registered():  # checked here: loads run one at a time
+        raise ApiError(400, f"adapter {name!r} is already registered; unload it first", param="lora_name")
     try:
         cache.register(name, directory)
         cache.ensure([name] + sorted(served.engine.in_flight()))
