@@ -442,6 +442,42 @@ def test_no_grad_cache_follows_in_place_changes_to_the_adapters():
     torch.testing.assert_close(again, one_by_one(model, ids, NAMES), **CLOSE)
 
 
+@torch.no_grad()
+def test_stacks_kept_across_batches_follow_the_pool_reloads_and_in_place_changes(tmp_path):
+    """A server's Stacks, reused batch after batch over a pool of every adapter loaded: each batch equals
+    its rows run alone, also after an adapter is deleted and reloaded under its name with other weights
+    (new tensors that may reuse freed ids and start at version 0) and after an in-place change."""
+    from lorakit.core.mixed import Stacks
+
+    model = llama_model()
+    ids = ids_for(len(NAMES))
+    stacks, pool = Stacks(), ["a", "b", "c"]
+    for names in (NAMES, ["a", None, "a", "a", None, "a", "a"], list(reversed(NAMES))):
+        with lk.mixed_batch(model, names, pool=pool, stacks=stacks):
+            mixed = forward(model, ids)
+        torch.testing.assert_close(mixed, one_by_one(model, ids, names), **CLOSE)
+    with lk.mixed_batch(model, NAMES, pool=pool, stacks=stacks):
+        before = forward(model, ids)
+    folder = lk.save_adapter(model, tmp_path / "b", adapter="b")
+    lk.delete_adapter(model, "b")
+    other = llama_model(seed=5)
+    lk.save_adapter(other, tmp_path / "b5", adapter="b")
+    lk.load_adapter(model, tmp_path / "b5", adapter="b", allow_base_mismatch=True)  # other weights for "b"
+    with lk.mixed_batch(model, NAMES, pool=pool, stacks=stacks):
+        forward_mixed = forward(model, ids)
+    rows_b = torch.tensor([n == "b" for n in NAMES])
+    assert (forward_mixed[rows_b] - before[rows_b]).abs().max() > 0.05
+    torch.testing.assert_close(forward_mixed, one_by_one(model, ids, NAMES), **CLOSE)
+    lk.load_adapter(model, folder, adapter="b")
+    next(layer for _, layer in lk.lora_layers(model) if layer.holds("a")).adapters["a"].B.mul_(-1.0)
+    with lk.mixed_batch(model, NAMES, pool=pool, stacks=stacks):
+        mixed = forward(model, ids)
+    torch.testing.assert_close(mixed, one_by_one(model, ids, NAMES), **CLOSE)
+    with pytest.raises(lk.LoraError, match="pool"):
+        with lk.mixed_batch(model, NAMES, pool=["a"], stacks=stacks):
+            pass
+
+
 def test_no_grad_cache_is_not_used_with_grad_and_sees_an_optimizer_step():
     model = plain_model()
     ids, targets = ids_for(len(NAMES)), ids_for(len(NAMES), seed=8)

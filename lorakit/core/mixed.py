@@ -24,13 +24,50 @@ from .lowrank import padded_to_rank
 from .modules_to_save import ModuleToSave
 
 
-class Routing:
-    """Which adapter each example of the batch uses, and the per-layer stacked weights."""
+class Stacks:
+    """Each layer's stacked A and B for a pool of adapters, kept from batch to batch while no weight changes.
 
-    def __init__(self, names: list[str | None]) -> None:
+    Reused only without grad (training must see the live parameters) and only while the pool's
+    parameters are the same objects at the same versions: an adapter reloaded under the same name
+    brings new tensors, so it is stacked again.
+    """
+
+    def __init__(self) -> None:
+        self._by_layer: dict[int, tuple] = {}  # id(layer) -> (params, (names, versions), entry)
+
+    def get(self, layer: LoraLayer, pool: Sequence[str]):
+        """(A (K, r, ...), B (K, d_out, r), slot {name: k}, adapters) for the pool's adapters on `layer`, or None."""
+        parts = [(n, layer.adapters[n]) for n in pool if layer.holds(n)]
+        if not parts:
+            return None
+        params = tuple(p for _, a in parts for p in (a.A, a.B))
+        cacheable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
+        key = (tuple(n for n, _ in parts), tuple(p._version for p in params)) if cacheable else None
+        cached = self._by_layer.get(id(layer))
+        if cacheable and cached is not None and cached[1] == key and all(a is b for a, b in zip(cached[0], params)):
+            return cached[2]
+        adapters_ = [a for _, a in parts]
+        dtype = functools.reduce(torch.promote_types, (a.A.dtype for a in adapters_))  # adapters may differ in dtype
+        r_max = max(a.rank for a in adapters_)
+        padded = [padded_to_rank(a.A, a.B, r_max) for a in adapters_]  # copies only where padded
+        entry = (torch.stack([A for A, _ in padded]).to(dtype), torch.stack([B for _, B in padded]).to(dtype),
+                 {n: i for i, (n, _) in enumerate(parts)}, adapters_)
+        if cacheable:
+            self._by_layer[id(layer)] = (params, key, entry)
+        return entry
+
+
+class Routing:
+    """Which adapter each example of the batch uses, and the per-layer stacked weights of the `pool`
+    (the adapters present, or a superset such as every adapter loaded)."""
+
+    def __init__(self, names: list[str | None], pool: Sequence[str] | None = None,
+                 stacks: Stacks | None = None) -> None:
         self.names = names
         self.present = [n for n in dict.fromkeys(names) if n is not None]
-        self._cache: dict[int, tuple] = {}  # layer -> (weight versions, tables), reused without grad
+        self.pool = list(pool) if pool is not None else self.present
+        self.stacks = stacks if stacks is not None else Stacks()
+        self._rows: dict[int, tuple] = {}  # layer -> (stacked A, index, scale, p) for these names
 
     def check_batch(self, x: torch.Tensor) -> None:
         if x.shape[0] != len(self.names):
@@ -39,30 +76,19 @@ class Routing:
 
     def tables(self, layer: LoraLayer, device: torch.device):
         """(A (K, r, ...), B (K, d_out, r), index (N,), scale (N,), dropout p (N,)) or None."""
-        parts = [layer.adapters[n] for n in self.present if layer.holds(n)]
-        if not parts:
+        entry = self.stacks.get(layer, self.pool)
+        if entry is None:
             return None
-        params = [a.A for a in parts] + [a.B for a in parts]
-        # Reused without grad while no weight changed in place (inference tensors keep no versions).
-        cacheable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
-        versions = tuple(p._version for p in params) if cacheable else None
-        cached = self._cache.get(id(layer))
-        if cacheable and cached is not None and cached[0] == versions:
-            return cached[1]
-        dtype = functools.reduce(torch.promote_types, (a.A.dtype for a in parts))  # adapters may differ in dtype
-        r_max = max(a.rank for a in parts)
-        padded = [padded_to_rank(a.A, a.B, r_max) for a in parts]  # copies only where padded
-        A = torch.stack([A for A, _ in padded]).to(dtype)
-        B = torch.stack([B for _, B in padded]).to(dtype)
-        slot = {n: i for i, n in enumerate(n for n in self.present if layer.holds(n))}
+        A, B, slot, parts = entry
+        rows = self._rows.get(id(layer))
+        if rows is not None and rows[0] is A:
+            return (A, B) + rows[1:]
         index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
         scale = torch.tensor([parts[slot[n]].scale if n in slot else 0.0 for n in self.names], dtype=A.dtype,
                              device=device)  # the adapter's dtype: float64 adapters keep a float64 scale
-        p = [parts[slot[n]].dropout_p if n in slot else 0.0 for n in self.names]
-        tables = (A, B, index, scale, torch.tensor(p, device=device))
-        if cacheable:
-            self._cache[id(layer)] = (versions, tables)
-        return tables
+        p = torch.tensor([parts[slot[n]].dropout_p if n in slot else 0.0 for n in self.names], device=device)
+        self._rows[id(layer)] = (A, index, scale, p)
+        return A, B, index, scale, p
 
     def apply(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + each example's own low-rank update."""
@@ -102,13 +128,19 @@ class Routing:
 
 
 @contextmanager
-def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Inside, example i of every batch goes through adapter names[i] (None: the base model)."""
+def mixed_batch(model: nn.Module, names: Sequence[str | None], pool: Sequence[str] | None = None,
+                stacks: Stacks | None = None) -> Iterator[nn.Module]:
+    """Inside, example i of every batch goes through adapter names[i] (None: the base model).
+
+    A server running batch after batch may pass `pool` (adapters to stack per layer: every one loaded,
+    a superset of `names`) and one `Stacks` it keeps: the stacked weights are then built once, not at
+    every batch, while the adapters loaded stay the same.
+    """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise LoraError(f"names={names!r}: give a list with one adapter name (or None) per example")
     names = list(names)
     known = adapters(model)
-    unknown = sorted({n for n in names if n is not None and n not in known}, key=str)
+    unknown = sorted({n for n in names + list(pool or []) if n is not None and n not in known}, key=str)
     if unknown:
         raise LoraError(f"mixed_batch: unknown adapter(s) {unknown!r}; this model's adapters are {known!r}")
     if merged_adapter(model) is not None:
@@ -120,5 +152,8 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
         path, layer = unsupported[0]
         raise LoraError(f"mixed_batch: {path!r} is a {type(layer.base_layer).__name__}; mixed batches support "
                         "Linear, Conv1D and Embedding adapters (not convolutions): use lk.use(model, name) per group")
-    with temporarily([m for _, m in followers(model)], "routing", Routing(names)):
+    if pool is not None and not set(names) - {None} <= set(pool):
+        raise LoraError(f"mixed_batch: pool={list(pool)!r} leaves out {sorted(set(names) - {None} - set(pool))!r}; "
+                        "the pool must hold every adapter the batch names")
+    with temporarily([m for _, m in followers(model)], "routing", Routing(names, pool, stacks)):
         yield model

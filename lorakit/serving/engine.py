@@ -30,7 +30,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..core.adapters import disabled
-from ..core.mixed import mixed_batch
+from ..core.mixed import Stacks, mixed_batch
 from ..errors import LoraError
 from ..training.batches import padding_id
 from .cache import AdapterCache
@@ -139,6 +139,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()
         self._rows = _Rows()
+        self._stacks = Stacks()  # each layer's stacked adapter weights, rebuilt only when the loaded set changes
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -297,7 +298,8 @@ class Engine:
         if all(n is None for n in names):
             with disabled(self.model):
                 return self.model(**inputs, use_cache=True, logits_to_keep=1)
-        with mixed_batch(self.model, names):
+        pool = self.cache.loaded() if self.cache is not None else None
+        with mixed_batch(self.model, names, pool=pool, stacks=self._stacks):
             return self.model(**inputs, use_cache=True, logits_to_keep=1)
 
     def _prefill(self, requests: list[Request]) -> None:
@@ -312,9 +314,8 @@ class Engine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward([r.adapter for r in requests], input_ids=ids, attention_mask=mask,
-                            position_ids=positions, cache=DynamicCache(config=self.model.config))
+                            position_ids=positions, cache=_kv_cache(self.model, []))
         new = _Rows(list(requests), out.past_key_values, mask, mask.sum(-1), None)
-        _check_cache(new.cache)
         new.last = self._sample(out.logits[:, -1], requests)
         self._join(new)
         self._after_tokens(self._rows.requests[-len(requests):], new.last.tolist(),
@@ -399,7 +400,7 @@ class Engine:
         merged = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
                    torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
                   for (k0, v0), (k1, v1) in zip(old_layers, new_layers)]
-        self._rows = _Rows(rows.requests + new.requests, DynamicCache(merged, config=self.model.config),
+        self._rows = _Rows(rows.requests + new.requests, _kv_cache(self.model, merged),
                            torch.cat([_pad_left(rows.mask, width), _pad_left(new.mask, width)]),
                            torch.cat([rows.lengths, new.lengths]), torch.cat([rows.last, new.last]))
 
@@ -415,7 +416,7 @@ class Engine:
         start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
         layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
                   for k, v in _layers(rows.cache)]
-        self._rows = _Rows([rows.requests[i] for i in keep], DynamicCache(layers, config=self.model.config),
+        self._rows = _Rows([rows.requests[i] for i in keep], _kv_cache(self.model, layers),
                            mask[:, start:], rows.lengths.index_select(0, index), rows.last.index_select(0, index))
 
 
@@ -451,11 +452,46 @@ def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _check_cache(cache: DynamicCache) -> None:
-    kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
-    if kinds:
-        raise LoraError(f"the model's KV cache has {sorted(kinds)} layers (sliding windows or linear attention); "
-                        "the engine batches full-attention caches only")
+class _GrowingLayer(DynamicLayer):
+    """A full-attention layer's KV cache that appends into spare room (doubling when full) instead of
+    concatenating: a decode step writes one column rather than copying the whole cache."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._room_k = self._room_v = None
+            self._length = 0
+        end = self._length + key_states.shape[-2]
+        if self._room_k is None or end > self._room_k.shape[-2]:
+            self._room_k, self._room_v = (_grown(room, fresh, self._length, max(2 * end, 64))
+                                          for room, fresh in ((self._room_k, key_states), (self._room_v, value_states)))
+        self._room_k[:, :, self._length:end] = key_states
+        self._room_v[:, :, self._length:end] = value_states
+        self._length = end
+        self.keys, self.values = self._room_k[:, :, :end], self._room_v[:, :, :end]  # (B, heads, T, head_dim) views
+        return self.keys, self.values
+
+
+def _grown(room: torch.Tensor | None, fresh: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    shape = list(fresh.shape)
+    shape[-2] = capacity
+    bigger = fresh.new_empty(shape)
+    if room is not None:
+        bigger[:, :, :length] = room[:, :, :length]
+    return bigger
+
+
+def _kv_cache(model: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A KV cache of growing full-attention layers, filled with `layers`' (keys, values) if given."""
+    kinds = set(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise LoraError(f"the model's attention layers are {sorted(kinds)}; the engine batches full-attention "
+                        "KV caches only (no sliding windows or linear attention)")
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)]
+    for layer, (keys, values) in zip(cache.layers, layers):
+        layer.update(keys, values)
+    return cache
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
