@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.io.peft import CONFIG_FILE, WEIGHTS_FILE
+from walks import counting_walks
 
 
 class Net(nn.Module):
@@ -526,23 +527,14 @@ def test_three_hundred_damaged_files_each_fail_cleanly_or_load_finite_tensors(sa
     assert outcomes["error"] > 200 and sum(outcomes.values()) == 300, outcomes
 
 
-def test_a_load_walks_the_model_once(saved, monkeypatch):
-    """Plan-then-apply reads one listing of the model's modules and its parameters twice (for the undo
-    record and to freeze the base); the old loader walked it 20 times."""
+def test_a_load_walks_the_model_once(saved):
+    """Plan-then-apply reads one listing of the model's modules, without the adapters' insides; the undo
+    record and the freezing reuse it (the old loader walked the model 20 times, then 3)."""
     _, directory = saved
     model = holding_keep()
-    walks = []
-    original = nn.Module.named_modules
-
-    def counting(self, *args, **kwargs):
-        if self is model:
-            walks.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(nn.Module, "named_modules", counting)
-    lk.load_adapter(model, directory)
-    monkeypatch.undo()
-    assert len(walks) == 3, len(walks)
+    with counting_walks(model) as children:
+        lk.load_adapter(model, directory)
+    assert children.listed == 1, children.listed
 
 
 @pytest.mark.parametrize("field, value", [

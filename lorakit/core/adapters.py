@@ -10,7 +10,7 @@ from typing import Iterator
 from torch import nn
 
 from ..errors import LoraError
-from .identity import adapters, followers, merged_adapter, temporarily, unknown_adapter
+from .identity import adapters_in, followers, merged_adapter, merged_in, temporarily, unknown_adapter
 from .merge import merge_, unmerge_
 
 
@@ -35,16 +35,17 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
     If it was active, no adapter is active afterwards (the model behaves as the base).
     """
-    if adapter not in adapters(model):
+    present = followers(model)
+    if adapter not in adapters_in(present):
         raise unknown_adapter(model, adapter)
-    if merged_adapter(model) == adapter:
+    if merged_in(present) == adapter:
         raise LoraError(f"adapter={adapter!r} is merged into the weights; call lk.unmerge_(model) first")
-    for _, module in followers(model):
+    for _, module in present:
         if module.holds(adapter):
             module.drop(adapter)
         if module.active_adapter == adapter:
             module.active_adapter = None
-    unwrap_empty_(model, followers(model))
+    unwrap_empty_(model, present)
 
 
 def unwrap_empty_(model: nn.Module, present: list[tuple[str, nn.Module]]) -> None:

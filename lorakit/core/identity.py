@@ -53,15 +53,43 @@ def check_adapter_name(adapter) -> None:
                         f"e.g. adapter='{adapter}_1'")
 
 
+def surface(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """model.named_modules() without the insides of followers: (path, module) of `model` and of every module
+    in it, followers included, depth first in module order.
+
+    A follower's insides are the module it wraps and its adapters' parts, so a walk that skips them costs the
+    same however many adapters are loaded. As in named_modules, a module reached twice is listed once, the
+    wrapped module of a follower counting as reached.
+    """
+    seen: set[nn.Module] = set()
+    stack = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        yield path, module
+        if isinstance(module, FOLLOWER_TYPES):
+            seen.update(module.wrapped.modules())
+            continue
+        prefix = path + "." if path else ""
+        stack.extend((prefix + name, child) for name, child in reversed(module._modules.items()) if child is not None)
+
+
 def followers(model: nn.Module) -> list[tuple[str, Follower]]:
     """(path, module) of every module that follows the active adapter, in module order."""
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, FOLLOWER_TYPES)]
+    return [(path, m) for path, m in surface(model) if isinstance(m, FOLLOWER_TYPES)]
 
 
 def adapters(model: nn.Module) -> list[str]:
     """Names of the adapters in the model, in the order they were added."""
+    return adapters_in(followers(model))
+
+
+def adapters_in(present: list[tuple[str, Follower]]) -> list[str]:
+    """adapters(model), read from `present`, the model's followers (for a caller that has listed them)."""
     created: dict[str, int] = {}  # not module order: a layer may lack earlier adapters
-    for _, module in followers(model):
+    for _, module in present:
         if isinstance(module, LoraLayer):
             for name, adapter in module.adapters.items():
                 created.setdefault(name, adapter.created)  # one inject_ adds it to every layer at once
@@ -83,14 +111,18 @@ def adapter_paths(model: nn.Module, adapter: str) -> list[str]:
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter the model currently applies (None: none, or no adapters)."""
-    for _, module in followers(model):
-        return module.active_adapter
-    return None
+    first = next((m for _, m in surface(model) if isinstance(m, FOLLOWER_TYPES)), None)  # all follow the same one
+    return None if first is None else first.active_adapter
 
 
 def merged_adapter(model: nn.Module) -> str | None:
     """The adapter merged into the base weights, or None."""
-    for _, module in followers(model):
+    return merged_in(followers(model))
+
+
+def merged_in(present: list[tuple[str, Follower]]) -> str | None:
+    """merged_adapter(model), read from `present`, the model's followers."""
+    for _, module in present:
         if isinstance(module, LoraLayer) and module.merged_adapter is not None:
             return module.merged_adapter
     return None

@@ -97,18 +97,24 @@ class LoraLayer(nn.Module):
 
     # --- adapters ------------------------------------------------------------------------------
     @classmethod
-    def new_adapter(cls, base: nn.Module, path: str, config: LoraConfig) -> LoraAdapter:
-        """A fresh adapter for the module at `path` (a no-op: B = 0), with the rank, scale, dropout and
-        init `config` gives that path; not yet attached to any layer."""
+    def new_adapter(cls, base: nn.Module, path: str, config: LoraConfig,
+                    factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> LoraAdapter:
+        """A new adapter for the module at `path`, with the rank, scale, dropout and init `config` gives
+        that path; not yet attached to any layer. Fresh (a no-op: B = 0), or holding a copy of `factors`
+        (A, B; e.g. read from a file) in the adapter's own dtype and device."""
         rank = config.rank_for(path)
         shape_a, shape_b = cls.adapter_shapes(base, rank)
         dropout = config.dropout if cls.takes_dropout else 0.0
         dtype = getattr(torch, config.adapter_dtype)
         adapter = LoraAdapter(shape_a, shape_b, config.scale_for(path), dropout, config, base.weight.device, dtype)
-        with torch.no_grad():  # drawn in float32 whatever the adapter's dtype: the same A, rounded
-            A = adapter.A if dtype == torch.float32 else torch.empty_like(adapter.A, dtype=torch.float32)
-            cls.init_A(A, config.init, rank)
-            adapter.A.copy_(A)
+        with torch.no_grad():
+            if factors is not None:
+                adapter.A.copy_(factors[0])
+                adapter.B.copy_(factors[1])
+            else:  # drawn in float32 whatever the adapter's dtype: the same A, rounded
+                A = adapter.A if dtype == torch.float32 else torch.empty_like(adapter.A, dtype=torch.float32)
+                cls.init_A(A, config.init, rank)
+                adapter.A.copy_(A)
         return adapter.train(base.training)  # an eval model stays eval
 
     @staticmethod

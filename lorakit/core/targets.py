@@ -12,6 +12,7 @@ import fnmatch
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+GLOB_CHARACTERS = "*?["  # fnmatch's; a pattern without them is a plain name
 
 # transformers model_type -> the attention projections LoRA adapts by default (the LoRA paper's W_q, W_v).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -35,6 +36,29 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 def path_matches(path: str, pattern: str) -> bool:
     """lorakit's rule: a module path matches a pattern if equal, if it ends with '.' + pattern, or as a glob."""
     return names_module(path, pattern) or fnmatch.fnmatchcase(path, pattern)
+
+
+def paths_matching(paths: list[str], patterns) -> dict[str, list[str]]:
+    """pattern -> the paths that match it (path_matches), in `paths` order.
+
+    Fast for many plain names (a PEFT file names every adapted module): a name without glob characters matches
+    exactly the paths it is a dotted suffix of, so only paths ending in one of the names' last parts are looked
+    at, and by dict lookup rather than one comparison per name. Globs are matched as path_matches does.
+    """
+    found: dict[str, list[str]] = {pattern: [] for pattern in patterns}
+    names = {p for p in found if not any(c in p for c in GLOB_CHARACTERS)}
+    leaves = {name.rpartition(".")[2] for name in names}
+    globs = [p for p in found if p not in names]
+    for path in paths:
+        if path.rpartition(".")[2] in leaves:
+            parts = path.split(".")
+            for suffix in (".".join(parts[i:]) for i in range(len(parts))):
+                if suffix in names:
+                    found[suffix].append(path)
+        for pattern in globs:
+            if path_matches(path, pattern):
+                found[pattern].append(path)
+    return found
 
 
 def names_module(path: str, name: str) -> bool:
