@@ -6,8 +6,12 @@
         out = model(input_ids)                      # example i through adapter names[i]; None = base
 
 At most `capacity` adapters are resident on the model; loading one more deletes the least
-recently used. Adapters in use (named by the current call, or by an enclosing `batch`) are
-never evicted.
+recently used. Adapters in use (named by the current call or its `keep`, or held by an enclosing
+`batch` or `hold`) are never evicted.
+
+    with cache.hold(["sql", "chat"]):               # loaded and pinned, no mixed batch: the caller routes
+        ...
+    cache.ensure(["chat"], keep=["sql"])            # load "chat"; evict anything but "chat" and "sql"
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import time
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from torch import nn
 
@@ -64,7 +68,8 @@ class AdapterCache:
                 problems.append(f"{name!r}: the model already has an adapter {name!r} that this cache did not load; "
                                 f"register another name, or lk.delete_adapter(model, {name!r}) first")
             elif name in self._in_use and self._directories[name] != checked[name]:
-                problems.append(f"{name!r}: in use by an open cache.batch(); register its new folder after the block")
+                problems.append(f"{name!r}: in use by an open cache.batch() or cache.hold(); register its new folder "
+                                "after the block")
         if problems:
             raise problems_error("register", problems)
         for name, directory in checked.items():
@@ -77,37 +82,49 @@ class AdapterCache:
         return list(self._directories)
 
     # --- loading and evicting ------------------------------------------------------------------------
-    def ensure(self, names: Sequence[str | None]) -> None:
+    def ensure(self, names: Sequence[str | None], keep: Iterable[str | None] = ()) -> None:
         """Load every named adapter not yet resident (None: the base, nothing to load), evicting the least
-        recently used ones not in use; the named adapters become the most recently used, in order."""
-        needed = self._check_names(names)
+        recently used ones; the named adapters become the most recently used, in order.
+
+        Never evicted: the named adapters, those in `keep` (e.g. the adapters of requests still running), and
+        those held by an open batch() or hold() block.
+        """
+        needed, kept = self._check_names(names, keep)
         on_model = set(adapters(self.model))
         for name in [n for n in self._resident if n not in on_model]:  # deleted behind our back
             del self._resident[name]
+        self._check_fits(needed, kept)
+        pinned = set(needed) | kept | set(self._in_use)
         for name in needed:
             if name in self._resident:
                 self.hits += 1
             else:
                 self.misses += 1
-                self._make_room(keep=set(needed) | set(self._in_use))
+                self._make_room(pinned)
                 self._load(name)
             self._resident.move_to_end(name)
 
     @contextmanager
-    def batch(self, names: Sequence[str | None]) -> Iterator[nn.Module]:
-        """ensure(names), then lk.mixed_batch(model, names): example i of the batch through adapter names[i].
-
-        The named adapters stay loaded (are not evicted) until the block ends.
-        """
+    def hold(self, names: Sequence[str | None]) -> Iterator[nn.Module]:
+        """ensure(names), then keep the named adapters loaded (not evicted) until the block ends; yields the
+        model. For a caller that routes examples to adapters itself; blocks nest, each holding its own names."""
         self.ensure(names)
         held = Counter(n for n in dict.fromkeys(names) if n is not None)
         self._in_use.update(held)
         try:
-            with mixed_batch(self.model, names) as model:
-                yield model
+            yield self.model
         finally:
             self._in_use.subtract(held)
             self._in_use = +self._in_use  # drop zero counts
+
+    @contextmanager
+    def batch(self, names: Sequence[str | None]) -> Iterator[nn.Module]:
+        """hold(names), and inside it lk.mixed_batch(model, names): example i of the batch through adapter names[i].
+
+        The named adapters stay loaded (are not evicted) until the block ends.
+        """
+        with self.hold(names), mixed_batch(self.model, names) as model:
+            yield model
 
     def loaded(self) -> list[str]:
         """The resident adapters, least recently used first."""
@@ -124,21 +141,31 @@ class AdapterCache:
                 "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "load_seconds": self.load_times}
 
-    def _check_names(self, names: Sequence[str | None]) -> list[str]:
-        """The distinct adapter names of a call, in first-use order, once all are known and fit."""
+    def _check_names(self, names: Sequence[str | None], keep: Iterable[str | None]) -> tuple[list[str], set[str]]:
+        """(the distinct adapter names of a call, in first-use order; the names it keeps), once all are known."""
         if isinstance(names, str) or not isinstance(names, Sequence):
             raise LoraError(f"names={names!r}: give a list with one adapter name (or None for the base) per example")
+        if isinstance(keep, str) or not isinstance(keep, Iterable):
+            raise LoraError(f"keep={keep!r}: give a list of adapter names that must stay loaded")
+        kept = {n for n in keep if n is not None}
         unknown = sorted({n for n in names if n is not None and n not in self._directories}, key=str)
-        if unknown:
-            raise LoraError(f"names: unknown adapter(s) {unknown!r}; registered: {self._shown_names()}. "
+        unknown_kept = sorted(kept - set(self._directories), key=str)
+        if unknown or unknown_kept:
+            field = "names" if unknown else "keep"
+            raise LoraError(f"{field}: unknown adapter(s) {unknown or unknown_kept!r}; registered: {self._shown_names()}. "
                             "Register a name first with cache.register(name, directory)")
-        needed = [n for n in dict.fromkeys(names) if n is not None]
-        pinned = set(needed) | set(self._in_use)
-        if len(pinned) > self.capacity:
-            held = f", {len(set(self._in_use) - set(needed))} more held by an open batch()" if self._in_use else ""
+        return [n for n in dict.fromkeys(names) if n is not None], kept
+
+    def _check_fits(self, needed: list[str], kept: set[str]) -> None:
+        """The call's adapters fit beside those that must stay: held by open blocks, or kept and resident."""
+        held = set(self._in_use) - set(needed)
+        kept = {n for n in kept if n in self._resident} - set(needed) - held
+        total = len(needed) + len(held) + len(kept)
+        if total > self.capacity:
+            more = (f", {len(held)} more held by an open batch() or hold()" if held else "") + \
+                   (f", {len(kept)} more in keep" if kept else "")
             raise LoraError(f"capacity={self.capacity}: this call needs {len(needed)} different adapters at once"
-                            f"{held}; use AdapterCache(model, capacity={len(pinned)}) or more, or split the batch")
-        return needed
+                            f"{more}; use AdapterCache(model, capacity={total}) or more, or split the batch")
 
     def _shown_names(self) -> str:
         names = list(self._directories)
@@ -147,11 +174,12 @@ class AdapterCache:
         more = f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
         return ", ".join(names[:SHOWN_NAMES]) + more
 
-    def _make_room(self, keep: set[str]) -> None:
-        """Evict least recently used adapters outside `keep` until one more fits."""
+    def _make_room(self, pinned: set[str]) -> None:
+        """Evict least recently used adapters outside `pinned` until one more fits."""
         while len(self._resident) >= self.capacity:
-            victim = next(n for n in self._resident if n not in keep)  # exists: _check_names bounded keep
-            self._forget(victim)
+            victim = next(n for n in self._resident if n not in pinned)  # exists: _check_fits bounded pinned
+            del self._resident[victim]
+            delete_adapter(self.model, victim)  # on the model: ensure() has just dropped any deleted behind our back
             self.evictions += 1
 
     def _load(self, name: str) -> None:
