@@ -251,8 +251,9 @@ def test_hundreds_of_registered_names_serve_batches_within_capacity(folders):
 
 def test_many_cycling_adapters_give_fresh_load_outputs_and_each_miss_does_the_same_work(folders, tmp_path, monkeypatch):
     """Twelve distinct adapters cycle four times through capacity 3: every miss (an eviction and a load) walks the
-    model five times, however many adapters came before, and probes no base weight after the first load; the
-    outputs after all cycles equal a fresh base with each adapter loaded directly."""
+    model five times, however many adapters came before, probes no base weight after the first load and, once
+    the cache is full, builds no module (the evicted adapter's are reused); the outputs after all cycles equal a
+    fresh base with each adapter loaded directly."""
     model = base(folders)
     writer = base(folders)
     g = torch.Generator().manual_seed(3)
@@ -268,14 +269,17 @@ def test_many_cycling_adapters_give_fresh_load_outputs_and_each_miss_does_the_sa
     cache.register_many(directories)
     probed, real = [], lk.io.integrity._probe_weights
     monkeypatch.setattr(lk.io.integrity, "_probe_weights", lambda weights: probed.append(len(weights)) or real(weights))
+    built, module_init = [], torch.nn.Module.__init__
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *a, **k: built.append(1) or module_init(self, *a, **k))
     walks = []
     with counting_walks(model) as children:
         for cycle in range(4):
             for name in directories:
-                before, probes_before = children.listed, len(probed)
+                before, probes_before, built_before = children.listed, len(probed), len(built)
                 cache.ensure([name])
                 walks.append(children.listed - before)
                 assert cycle == 0 and name == "t0" or sum(probed[probes_before:]) == 0, name  # remembered
+                assert cycle == 0 and name in ("t0", "t1", "t2") or len(built) == built_before, name
     # ensure's check for adapters deleted behind its back, the eviction, the active adapter before and after
     # (the first follower only), the load's listing of modules
     assert walks[3:] == [5] * (len(walks) - 3), walks

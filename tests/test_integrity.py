@@ -63,8 +63,8 @@ def test_a_remembered_fingerprint_is_reused_only_while_the_weight_is_unchanged(m
 
     first = fingerprint()
     assert fingerprint() == first and probed == [["proj"]]  # the second call probes nothing
-    for change in (lambda: weight.mul_(1.5),                   # in place: autograd's version counts it
-                   lambda: weight.data.mul_(2.0),              # through .data: the version does not, the spot check does
+    for change in (lambda: weight.mul_(1.5),  # in place: autograd's version counts it
+                   lambda: weight.data.mul_(2.0),  # through .data: the version does not, the spot check does
                    lambda: setattr(weight, "data", torch.randn(96, 64))):  # a new tensor under the same parameter
         with torch.no_grad():
             change()

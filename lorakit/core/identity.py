@@ -39,6 +39,7 @@ class Follower(Protocol):
 
 
 FOLLOWER_TYPES = (LoraLayer, ModuleToSave)
+_A_MODULE_DICT = nn.ModuleDict()  # never changed: what a ModuleDict's own attributes are
 
 
 def check_adapter_name(adapter) -> None:
@@ -47,7 +48,7 @@ def check_adapter_name(adapter) -> None:
             f"adapter={adapter!r}: an adapter name must be a non-empty string of letters, digits, '_' or '-', "
             "e.g. adapter='default'"
         )
-    if hasattr(nn.ModuleDict(), adapter):
+    if hasattr(_A_MODULE_DICT, adapter):
         # Adapters are keys of ModuleDicts, which refuse their own attribute names.
         raise LoraError(f"adapter={adapter!r} is the name of a torch module attribute; pick another name, "
                         f"e.g. adapter='{adapter}_1'")
@@ -72,8 +73,10 @@ def surface(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, FOLLOWER_TYPES):
             seen.update(module.wrapped.modules())
             continue
-        prefix = path + "." if path else ""
-        stack.extend((prefix + name, child) for name, child in reversed(module._modules.items()) if child is not None)
+        children = module._modules
+        if children:  # most modules are leaves
+            prefix = path + "." if path else ""
+            stack.extend([(prefix + name, child) for name, child in reversed(children.items()) if child is not None])
 
 
 def followers(model: nn.Module) -> list[tuple[str, Follower]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -150,7 +151,7 @@ def _overlap_problems(modules: list[tuple[str, nn.Module]], adapted: list[str], 
         for s in saved for a in adapted if nested(a, s)
     ]
     for path, module in modules:
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and saved:
             problems += [f"modules_to_save: {s!r} overlaps {path!r}, which has LoRA adapter(s) "
                          f"{list(module.adapters)}; drop it from modules_to_save" for s in saved if nested(path, s)]
         if isinstance(module, ModuleToSave):
@@ -163,8 +164,9 @@ def _overlap_problems(modules: list[tuple[str, nn.Module]], adapted: list[str], 
 
 def _read_by_weight(modules: list[tuple[str, nn.Module]]) -> set[str]:
     """Paths of layers whose parent uses their .weight without calling them (MultiheadAttention)."""
-    parents = {p for p, m in modules if isinstance(base_of(m), nn.MultiheadAttention)}
-    return {p for p, _ in modules if p.rpartition(".")[0] in parents}
+    parents = {p for p, m in modules if isinstance(m, (nn.MultiheadAttention, ModuleToSave))  # a LoRA layer never
+               and isinstance(base_of(m), nn.MultiheadAttention)}                          # wraps one
+    return {p for p, _ in modules if p.rpartition(".")[0] in parents} if parents else set()
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -228,25 +230,28 @@ def check_not_merged(modules: list[tuple[str, nn.Module]]) -> None:
 
 
 def new_parts(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str], saved: list[str],
-              factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, nn.Module]:
+              factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              reuse: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
     """path -> a new adapter's part there, not yet attached: a LoraAdapter on each LoRA target (fresh, or
-    holding a copy of factors[path], its A and B), a trainable copy of each module to save."""
+    holding a copy of factors[path], its A and B; built in reuse[path], a deleted adapter's part, where it
+    fits), a trainable copy of each module to save."""
+    factors, reuse = factors or {}, reuse or {}
     parts: dict[str, nn.Module] = {}
     for path in paths:
         base = base_of(modules[path])
-        parts[path] = layer_class_for(base).new_adapter(base, path, config, (factors or {}).get(path))
+        parts[path] = layer_class_for(base).new_adapter(base, path, config, factors.get(path), reuse.get(path))
     parts.update({path: trainable_copy(base_of(modules[path])) for path in saved})
     return parts
 
 
-def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str,
-            modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str, modules: list[tuple[str, nn.Module]],
+            base: list[nn.Parameter] | None = None) -> list[tuple[str, nn.Module]]:
     """Put adapter `adapter`'s parts into the model: wrap each path in a LoRA layer (LoraAdapter parts)
     or a ModuleToSave (copies) unless it is one already, freeze all but adapter parts, and make the
     biases `bias` names trainable. The model's active adapter stays (the first adapter becomes it).
 
-    `modules` is candidate_modules(model) before this call; returns the model's followers (identity.followers)
-    with the new wrappers.
+    `modules` is candidate_modules(model) before this call, `base` base_parameters(model, modules) if the
+    caller has them; returns the model's followers (identity.followers) with the new wrappers.
     """
     present = [(p, m) for p, m in modules if isinstance(m, FOLLOWER_TYPES)]
     active = present[0][1].active_adapter if present else adapter
@@ -262,8 +267,9 @@ def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: s
         if isinstance(part, LoraAdapter):
             adapted.append(module)
     present = list(by_path.items())
-    for p in base_parameters(model, modules):  # all but adapters' parts (LoRA factors, copies of modules to save)
-        p.requires_grad_(False)
+    for p in base if base is not None else base_parameters(model, modules):  # all but adapters' parts
+        if p.requires_grad:
+            p.requires_grad_(False)
     _unfreeze_biases(model, bias, adapted, present)
     return present
 
@@ -278,14 +284,15 @@ def base_parameters(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> l
     for module in [model, *(m for _, m in modules)]:
         owners = module.wrapped.modules() if isinstance(module, FOLLOWER_TYPES) else (module,)
         for owner in owners:
-            found.update((id(p), p) for p in owner._parameters.values() if p is not None)
+            if owner._parameters:  # most modules are containers without parameters of their own
+                found.update((id(p), p) for p in owner._parameters.values() if p is not None)
     return list(found.values())
 
 
-def attach_settable(model: nn.Module, bias: str, modules: list[tuple[str, nn.Module]]) -> list[nn.Parameter]:
-    """The parameters whose requires_grad attach_ may set: the base's (frozen, some biases unfrozen) and, with
-    bias='all', every bias (a copy of a module to save's too). `modules` as for attach_."""
-    return list(model.parameters()) if bias == "all" else base_parameters(model, modules)
+def attach_settable(model: nn.Module, bias: str, base: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters whose requires_grad attach_ may set: the base's (`base`: base_parameters; frozen, some
+    biases unfrozen) and, with bias='all', every bias (a copy of a module to save's too)."""
+    return list(model.parameters()) if bias == "all" else base
 
 
 def _unfreeze_biases(model: nn.Module, bias: str, layers: list[LoraLayer], present: list[tuple[str, nn.Module]]) -> None:

@@ -39,25 +39,29 @@ def path_matches(path: str, pattern: str) -> bool:
 
 
 def paths_matching(paths: list[str], patterns) -> dict[str, list[str]]:
-    """pattern -> the paths that match it (path_matches), in `paths` order.
+    """pattern -> the paths that match it (path_matches), in `paths` order. Plain names are looked up
+    (paths_named); globs are matched as path_matches does."""
+    globs = [p for p in dict.fromkeys(patterns) if any(c in p for c in GLOB_CHARACTERS)]
+    found = paths_named(paths, [p for p in patterns if p not in globs])  # fnmatch of a plain name: equality
+    found.update({pattern: [path for path in paths if path_matches(path, pattern)] for pattern in globs})
+    return {pattern: found[pattern] for pattern in patterns}
 
-    Fast for many plain names (a PEFT file names every adapted module): a name without glob characters matches
-    exactly the paths it is a dotted suffix of, so only paths ending in one of the names' last parts are looked
-    at, and by dict lookup rather than one comparison per name. Globs are matched as path_matches does.
+
+def paths_named(paths: list[str], names) -> dict[str, list[str]]:
+    """name -> the paths it names (names_module), in `paths` order.
+
+    Fast for many names (a PEFT file names every adapted module): a name is a dotted suffix of the paths it
+    names, so only paths ending in one of the names' last parts are looked at, and by dict lookup rather
+    than one comparison per name.
     """
-    found: dict[str, list[str]] = {pattern: [] for pattern in patterns}
-    names = {p for p in found if not any(c in p for c in GLOB_CHARACTERS)}
-    leaves = {name.rpartition(".")[2] for name in names}
-    globs = [p for p in found if p not in names]
+    found: dict[str, list[str]] = {name: [] for name in names}
+    leaves = {name.rpartition(".")[2] for name in found}
     for path in paths:
         if path.rpartition(".")[2] in leaves:
             parts = path.split(".")
             for suffix in (".".join(parts[i:]) for i in range(len(parts))):
-                if suffix in names:
+                if suffix in found:
                     found[suffix].append(path)
-        for pattern in globs:
-            if path_matches(path, pattern):
-                found[pattern].append(path)
     return found
 
 

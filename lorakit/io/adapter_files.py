@@ -16,6 +16,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import safetensors.torch
@@ -26,7 +27,8 @@ from torch import nn
 from ..core.adapters import unwrap_empty_
 from ..core.config import LoraConfig
 from ..core.identity import FOLLOWER_TYPES, active_adapter, adapter_config, check_adapter_name, followers
-from ..core.inject import attach_, attach_settable, base_of, candidate_modules, check_not_merged, new_parts, resolve
+from ..core.inject import (attach_, attach_settable, base_of, base_parameters, candidate_modules, check_not_merged,
+                           new_parts, resolve)
 from ..core.layers import LoraEmbedding, LoraLayer, layer_class_for
 from ..core.modules_to_save import ModuleToSave
 from ..core.precision import precision_of
@@ -130,31 +132,38 @@ class _Load:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | None = None,
-                 allow_base_mismatch: bool = False) -> str:
+                 allow_base_mismatch: bool = False, reuse: Mapping[str, nn.Module] | None = None) -> str:
     """Load an adapter folder (lorakit's or PEFT's) into `model`; returns the adapter's name.
 
     The name is `adapter`, else the one the file was saved under, else "default". An adapter of
     that name already in the model is replaced whole (A, B, scale, dropout, config, modules to
     save, biases), as if it had never been there. Everything is checked and built before the model
     is touched; on any error the model is exactly as it was.
+
+    `reuse`: a deleted adapter's parts (what lk.delete_adapter returned): the new adapter is built in
+    those that fit (same path, shapes, dtype, device and dropout) instead of new modules, as
+    lk.AdapterCache does with the adapter it evicts. They are overwritten, even by a load that fails.
     """
-    load = _plan(model, Path(directory), adapter, allow_base_mismatch)
+    load = _plan(model, Path(directory), adapter, allow_base_mismatch, reuse or {})
     _apply(model, load)
     return load.name
 
 
-def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mismatch: bool) -> _Load:
+def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mismatch: bool,
+          reuse: Mapping[str, nn.Module]) -> _Load:
     raw = peft.read_config(check_adapter_directory(directory))
     tensors, metadata = _read_weights(directory / WEIGHTS_FILE)
     name = adapter if adapter is not None else metadata.get(META_ADAPTER, DEFAULT_ADAPTER)
     check_adapter_name(name)
     modules = candidate_modules(model)  # the one walk of the model: everything below reads this list
     check_not_merged(modules)
+    _check_reusable(modules, reuse)
     paths = peft.resolve_targets(model, modules, raw, directory / CONFIG_FILE)
     saved = peft.resolve_saved(modules, raw, paths, directory / CONFIG_FILE)
     exact = peft.lorakit_config(raw, paths, saved)
-    resolve(model, exact, modules)  # lorakit's own checks: overlaps with other adapters, conv groups
     config = _written_config(model, modules, metadata, exact, paths, saved)
+    if config is exact:  # lorakit's own checks (overlaps with other adapters, conv groups), which a written
+        resolve(model, exact, modules)  # config has just passed if it rebuilds these modules with these ranks
     tensors = peft.without_bias_repeats(tensors, raw, saved)
     by_path = dict(modules)
     biases = peft.bias_params(modules, config.bias, paths, saved)
@@ -163,11 +172,24 @@ def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mis
         _check_fingerprint(by_path, paths, metadata, directory)
     factors = {path: tuple(tensors[k] for k in peft.factor_keys(layer_class_for(base_of(by_path[path])), path))
                for path in paths}
-    parts = new_parts(by_path, config, paths, saved, factors)
+    parts = new_parts(by_path, config, paths, saved, factors, reuse)
     with torch.no_grad():
         for path in saved:
             _fill_copy(parts[path], path, tensors)
     return _Load(name, config, parts, [(p, tensors[k]) for k, p in biases.items()], modules)
+
+
+def _check_reusable(modules: list[tuple[str, nn.Module]], reuse: Mapping[str, nn.Module]) -> None:
+    """Parts to reuse are off the model: building in them must not touch it."""
+    if not isinstance(reuse, Mapping):
+        raise LoraError(f"reuse={type(reuse).__name__}: give the dict lk.delete_adapter returned (path -> part)")
+    if not reuse:
+        return
+    held = {id(part) for _, m in modules if isinstance(m, FOLLOWER_TYPES) for part in m.parts.values()}
+    attached = [path for path, part in reuse.items() if id(part) in held]
+    if attached:
+        raise LoraError(f"reuse: the parts at {attached[:3]} belong to adapters on the model; pass the parts of a "
+                        "deleted adapter (what lk.delete_adapter returned)")
 
 
 def _written_config(model, modules, metadata: dict, exact: LoraConfig, paths: list[str], saved: list[str]) -> LoraConfig:
@@ -194,12 +216,13 @@ def _fill_copy(part: nn.Module, path: str, tensors: dict) -> None:
 
 def _apply(model: nn.Module, load: _Load) -> None:
     """Replace any adapter of this name by the planned one, in one step undone on any error."""
-    grad_flags = [(p, p.requires_grad) for p in attach_settable(model, load.config.bias, load.modules)]
+    base = base_parameters(model, load.modules)
+    grad_flags = [(p, p.requires_grad) for p in attach_settable(model, load.config.bias, base)]
     old_biases = [(p, p.detach().clone()) for p, _ in load.biases]
     replaced = [(module, module.drop(load.name)) for _, module in load.modules
                 if isinstance(module, FOLLOWER_TYPES) and module.holds(load.name)]
     try:
-        present = attach_(model, load.name, load.parts, load.config.bias, load.modules)
+        present = attach_(model, load.name, load.parts, load.config.bias, load.modules, base)
         with torch.no_grad():
             for param, value in load.biases:
                 param.copy_(value)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..core.layers import LoraLayer
-from ..core.precision import dense_weight, precision_of
+from ..core.precision import dense_weight, precision_among
 
 FINGERPRINT_ENTRIES = 4096
 # Weights are probed together in blocks of at most this many entries: torch runs an operation that small on one
@@ -34,9 +34,16 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
+        digest.update(_raw(t))
     return digest.hexdigest()
+
+
+def _raw(t: torch.Tensor):
+    """A contiguous CPU tensor's bytes, not copied."""
+    try:
+        return t.numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16): the same bytes as uint8
+        return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -48,7 +55,7 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
     if not floats:
         return []
-    sums = torch.stack([t.sum(dtype=torch.float64) for t in floats.values()])
+    sums = torch.stack([t.sum() for t in floats.values()])
     suspects = [k for k, finite in zip(floats, torch.isfinite(sums).tolist()) if not finite]
     return [k for k in suspects if not torch.isfinite(floats[k]).all()]
 
@@ -87,7 +94,8 @@ def _probe_weights(weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
         step = max(1, SERIAL_ENTRIES // probe.numel())  # rows per block
         for i in range(0, len(samples), step):
             rows = torch.stack(samples[i:i + step])  # (modules, entries)
-            stats = torch.stack([rows.mean(1), rows.square().mean(1).sqrt(), rows @ probe / math.sqrt(probe.numel())], 1)
+            projection = rows @ probe / math.sqrt(probe.numel())
+            stats = torch.stack([rows.mean(1), rows.square().mean(1).sqrt(), projection], 1)
             result.update(zip(list(group)[i:i + step], stats.tolist()))
     return result
 
@@ -97,9 +105,10 @@ def _probe(numel: int, device: torch.device) -> tuple[torch.Tensor | None, torch
     """(the positions sampled from a weight of `numel` entries, None: all of them; the projection vector), both
     drawn from a generator seeded 0: the same for every weight of that size, in every process."""
     generator = torch.Generator().manual_seed(0)
-    positions = torch.randint(numel, (FINGERPRINT_ENTRIES,), generator=generator) if numel > FINGERPRINT_ENTRIES else None
-    probe = torch.randn(FINGERPRINT_ENTRIES if positions is not None else numel, generator=generator)
-    return (positions.to(device) if positions is not None else None), probe.to(device)
+    sampled = numel > FINGERPRINT_ENTRIES
+    positions = torch.randint(numel, (FINGERPRINT_ENTRIES,), generator=generator) if sampled else None
+    probe = torch.randn(FINGERPRINT_ENTRIES if sampled else numel, generator=generator)
+    return (positions.to(device) if sampled else None), probe.to(device)
 
 
 # --- remembering a weight's fingerprint -------------------------------------------------------------------
@@ -123,9 +132,10 @@ def _state(weight: torch.Tensor) -> tuple:
             weight.device)
 
 
+@torch.no_grad()
 def _spots(weight: torch.Tensor) -> torch.Tensor:
     positions, _ = _probe(weight.numel(), weight.device)
-    flat = weight.detach().reshape(-1)
+    flat = weight.reshape(-1)
     return flat[:SPOT_CHECKS].clone() if positions is None else flat.index_select(0, positions[:SPOT_CHECKS])
 
 
@@ -168,5 +178,5 @@ def is_fingerprint(value) -> bool:
 
 def modules_precision(modules: dict[str, nn.Module], paths: list[str]) -> str:
     """The precision of the base under the adapted modules at `paths` (as core.precision.precision_of)."""
-    holder = nn.ModuleList(m.base_layer if isinstance(m, LoraLayer) else m for m in (modules[p] for p in paths))
-    return precision_of(holder)
+    bases = (m.base_layer if isinstance(m, LoraLayer) else m for m in (modules[p] for p in paths))
+    return precision_among(m for base in bases for m in base.modules())

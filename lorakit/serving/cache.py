@@ -100,8 +100,7 @@ class AdapterCache:
                 self.hits += 1
             else:
                 self.misses += 1
-                self._make_room(pinned)
-                self._load(name)
+                self._load(name, reuse=self._make_room(pinned))
             self._resident.move_to_end(name)
 
     @contextmanager
@@ -152,8 +151,8 @@ class AdapterCache:
         unknown_kept = sorted(kept - set(self._directories), key=str)
         if unknown or unknown_kept:
             field = "names" if unknown else "keep"
-            raise LoraError(f"{field}: unknown adapter(s) {unknown or unknown_kept!r}; registered: {self._shown_names()}. "
-                            "Register a name first with cache.register(name, directory)")
+            raise LoraError(f"{field}: unknown adapter(s) {unknown or unknown_kept!r}; registered: "
+                            f"{self._shown_names()}. Register a name first with cache.register(name, directory)")
         return [n for n in dict.fromkeys(names) if n is not None], kept
 
     def _check_fits(self, needed: list[str], kept: set[str]) -> None:
@@ -174,19 +173,23 @@ class AdapterCache:
         more = f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
         return ", ".join(names[:SHOWN_NAMES]) + more
 
-    def _make_room(self, pinned: set[str]) -> None:
-        """Evict least recently used adapters outside `pinned` until one more fits."""
+    def _make_room(self, pinned: set[str]) -> dict[str, nn.Module]:
+        """Evict least recently used adapters outside `pinned` until one more fits; returns the parts of the
+        last one evicted (none: {}), for the next load to be built in."""
+        parts = {}
         while len(self._resident) >= self.capacity:
             victim = next(n for n in self._resident if n not in pinned)  # exists: _check_fits bounded pinned
             del self._resident[victim]
-            delete_adapter(self.model, victim)  # on the model: ensure() has just dropped any deleted behind our back
+            parts = delete_adapter(self.model, victim)  # on the model: ensure() dropped any deleted behind our back
             self.evictions += 1
+        return parts
 
-    def _load(self, name: str) -> None:
-        """lk.load_adapter as `name`, timed; the model's active adapter is left as it was."""
+    def _load(self, name: str, reuse: dict[str, nn.Module]) -> None:
+        """lk.load_adapter as `name`, built in `reuse` (an evicted adapter's parts), timed; the model's active
+        adapter is left as it was."""
         active = active_adapter(self.model)
         start = time.perf_counter()
-        load_adapter(self.model, self._directories[name], adapter=name)
+        load_adapter(self.model, self._directories[name], adapter=name, reuse=reuse)
         self._load_times[name] = time.perf_counter() - start
         self._resident[name] = None
         if active != active_adapter(self.model):  # the first adapter injected becomes active
