@@ -405,7 +405,11 @@ def test_loading_into_a_deleted_adapters_parts_equals_a_fresh_load(tmp_path, fie
     lk.load_adapter(model, x_dir, adapter="x")
     parts = lk.delete_adapter(model, "x")
     assert sorted(parts) == ["conv", "embed", "proj"] and all(isinstance(p, lk.LoraAdapter) for p in parts.values())
+    for part in parts.values():  # what training may have left on them
+        part.A.grad = torch.ones_like(part.A)
+        part.B.requires_grad_(False)
     assert lk.load_adapter(model, y_dir, adapter="y", reuse=parts) == "y"
+    assert all(p.grad is None for _, layer in lk.lora_layers(model) for p in layer.adapters["y"].parameters())
     direct = holding_keep()
     lk.load_adapter(direct, y_dir, adapter="y")
 
@@ -415,7 +419,8 @@ def test_loading_into_a_deleted_adapters_parts_equals_a_fresh_load(tmp_path, fie
     assert got["state"].keys() == want["state"].keys()
     for k in want["state"]:
         assert torch.equal(got["state"][k], want["state"][k]), k
-    taken = {path for path, layer in lk.lora_layers(model) if layer.holds("y") and layer.adapters["y"] is parts.get(path)}
+    taken = {path for path, layer in lk.lora_layers(model)
+             if layer.holds("y") and layer.adapters["y"] is parts.get(path)}
     fits = {"rank": {"conv"}, "modules to save": {"conv", "embed", "proj"}, "dropout": {"embed"}}[field]
     assert taken == fits  # rank: only conv keeps rank 2; dropout: only the embedding (which takes none) fits
     torch.testing.assert_close(model(IDS), direct(IDS), rtol=0, atol=0)

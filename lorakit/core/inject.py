@@ -164,8 +164,9 @@ def _overlap_problems(modules: list[tuple[str, nn.Module]], adapted: list[str], 
 
 def _read_by_weight(modules: list[tuple[str, nn.Module]]) -> set[str]:
     """Paths of layers whose parent uses their .weight without calling them (MultiheadAttention)."""
-    parents = {p for p, m in modules if isinstance(m, (nn.MultiheadAttention, ModuleToSave))  # a LoRA layer never
-               and isinstance(base_of(m), nn.MultiheadAttention)}                          # wraps one
+    # base_of only where it can be one: a module to save may wrap one, a LoRA layer never does
+    parents = {p for p, m in modules if isinstance(m, (nn.MultiheadAttention, ModuleToSave))
+               and isinstance(base_of(m), nn.MultiheadAttention)}
     return {p for p, _ in modules if p.rpartition(".")[0] in parents} if parents else set()
 
 
@@ -244,8 +245,9 @@ def new_parts(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str
     return parts
 
 
-def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str, modules: list[tuple[str, nn.Module]],
-            base: list[nn.Parameter] | None = None) -> list[tuple[str, nn.Module]]:
+def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str,
+            modules: list[tuple[str, nn.Module]], base: list[nn.Parameter] | None = None
+            ) -> list[tuple[str, nn.Module]]:
     """Put adapter `adapter`'s parts into the model: wrap each path in a LoRA layer (LoraAdapter parts)
     or a ModuleToSave (copies) unless it is one already, freeze all but adapter parts, and make the
     biases `bias` names trainable. The model's active adapter stays (the first adapter becomes it).

@@ -65,8 +65,10 @@ class LoraAdapter(nn.Module):
         trainable without a gradient; the caller fills A and B. Hooks on it stay."""
         self.scale, self.config, self.created = scale, config, next(_CREATION)
         for factor in (self.A, self.B):
-            factor.requires_grad_(True)
-            factor.grad = None
+            if not factor.requires_grad:
+                factor.requires_grad_(True)
+            if factor.grad is not None:
+                factor.grad = None
         return self
 
     def extra_repr(self) -> str:

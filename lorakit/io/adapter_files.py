@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Mapping
 
-import torch
 import safetensors.torch
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn

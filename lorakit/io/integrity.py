@@ -88,7 +88,7 @@ def _probe_weights(weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
         groups.setdefault((weight.numel(), weight.device), {})[path] = weight
     result = {}
     for (numel, device), group in groups.items():
-        positions, probe = _probe(numel, device)
+        positions, probe, _ = _probe(numel, device)
         samples = [(w.reshape(-1) if positions is None else w.reshape(-1).index_select(0, positions)).float()
                    for w in group.values()]
         step = max(1, SERIAL_ENTRIES // probe.numel())  # rows per block
@@ -101,14 +101,16 @@ def _probe_weights(weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _probe(numel: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(the positions sampled from a weight of `numel` entries, None: all of them; the projection vector), both
-    drawn from a generator seeded 0: the same for every weight of that size, in every process."""
+def _probe(numel: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(the positions sampled from a weight of `numel` entries, None: all of them; the projection vector; the
+    first SPOT_CHECKS of those positions), drawn from a generator seeded 0: the same for every weight of that
+    size, in every process."""
     generator = torch.Generator().manual_seed(0)
     sampled = numel > FINGERPRINT_ENTRIES
     positions = torch.randint(numel, (FINGERPRINT_ENTRIES,), generator=generator) if sampled else None
     probe = torch.randn(FINGERPRINT_ENTRIES if sampled else numel, generator=generator)
-    return (positions.to(device) if sampled else None), probe.to(device)
+    spots = positions[:SPOT_CHECKS] if sampled else torch.arange(min(SPOT_CHECKS, numel))
+    return (positions.to(device) if sampled else None), probe.to(device), spots.to(device)
 
 
 # --- remembering a weight's fingerprint -------------------------------------------------------------------
@@ -120,7 +122,8 @@ class _Remembered:
 
     weight: weakref.ref
     state: tuple
-    spots: torch.Tensor
+    positions: torch.Tensor  # of the spot checks
+    spots: torch.Tensor  # the values there
     values: list[float]
 
 
@@ -133,10 +136,8 @@ def _state(weight: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def _spots(weight: torch.Tensor) -> torch.Tensor:
-    positions, _ = _probe(weight.numel(), weight.device)
-    flat = weight.reshape(-1)
-    return flat[:SPOT_CHECKS].clone() if positions is None else flat.index_select(0, positions[:SPOT_CHECKS])
+def _spots(weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(-1).index_select(0, positions)
 
 
 def _recall(weight: torch.Tensor) -> list[float] | None:
@@ -144,13 +145,14 @@ def _recall(weight: torch.Tensor) -> list[float] | None:
     entry = _REMEMBERED.get(id(weight))
     if entry is None or entry.weight() is not weight or entry.state != _state(weight):
         return None
-    return entry.values if torch.equal(_spots(weight), entry.spots) else None
+    return entry.values if torch.equal(_spots(weight, entry.positions), entry.spots) else None
 
 
 def _remember(weight: torch.Tensor, values: list[float]) -> None:
     key = id(weight)
     ref = weakref.ref(weight, lambda _: _REMEMBERED.pop(key, None))  # the entry goes when the weight does
-    _REMEMBERED[key] = _Remembered(ref, _state(weight), _spots(weight), values)
+    positions = _probe(weight.numel(), weight.device)[2]
+    _REMEMBERED[key] = _Remembered(ref, _state(weight), positions, _spots(weight, positions), values)
 
 
 def fingerprint_problems(saved: dict, current: dict, precisions: tuple[str, ...] = ("float32",)) -> list[str]:
