@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from torch import nn
 
@@ -71,12 +71,17 @@ def surface(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         seen.add(module)
         yield path, module
         if isinstance(module, FOLLOWER_TYPES):
-            seen.update(module.wrapped.modules())
+            seen.update(modules_of(module.wrapped))
             continue
         children = module._modules
         if children:  # most modules are leaves
             prefix = path + "." if path else ""
             stack.extend([(prefix + name, child) for name, child in reversed(children.items()) if child is not None])
+
+
+def modules_of(module: nn.Module) -> Iterable[nn.Module]:
+    """module.modules(), quicker for a leaf (what a follower wraps is usually one)."""
+    return module.modules() if module._modules else (module,)
 
 
 def followers(model: nn.Module) -> list[tuple[str, Follower]]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import LoraError, problems_error
 from .config import LoraConfig
-from .identity import FOLLOWER_TYPES, adapters, check_adapter_name, surface
+from .identity import FOLLOWER_TYPES, adapters, check_adapter_name, modules_of, surface
 from .layers import LoraAdapter, LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, supported_type_names
 from .modules_to_save import CONTAINERS, ModuleToSave, trainable_copy
 from .precision import is_quantized
@@ -284,7 +284,7 @@ def base_parameters(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> l
     """
     found: dict[int, nn.Parameter] = {}
     for module in [model, *(m for _, m in modules)]:
-        owners = module.wrapped.modules() if isinstance(module, FOLLOWER_TYPES) else (module,)
+        owners = modules_of(module.wrapped) if isinstance(module, FOLLOWER_TYPES) else (module,)
         for owner in owners:
             if owner._parameters:  # most modules are containers without parameters of their own
                 found.update((id(p), p) for p in owner._parameters.values() if p is not None)

@@ -56,9 +56,9 @@ class LoraAdapter(nn.Module):
              dtype: torch.dtype) -> bool:
         """Whether this module, once its adapter is deleted, can be renewed as one of these shapes, dropout,
         device and dtype."""
-        return (type(self) is LoraAdapter and self.A.shape == shape_a and self.B.shape == shape_b
-                and self.dropout_p == dropout and self.A.device == self.B.device == device
-                and self.A.dtype == self.B.dtype == dtype)
+        A, B = self.A, self.B
+        return (type(self) is LoraAdapter and A.shape == shape_a and B.shape == shape_b and self.dropout_p == dropout
+                and A.device == B.device == device and A.dtype == B.dtype == dtype)
 
     def renew_(self, scale: float, config: LoraConfig) -> LoraAdapter:
         """This module (of a deleted adapter) as a new adapter: its scale, config and creation time set, A and B
@@ -132,11 +132,11 @@ class LoraLayer(nn.Module):
             adapter = reuse.renew_(scale, config)
         else:
             adapter = LoraAdapter(shape_a, shape_b, scale, dropout, config, device, dtype)
-        with torch.no_grad():
-            if factors is not None:
-                adapter.A.copy_(factors[0])
-                adapter.B.copy_(factors[1])
-            else:
+        if factors is not None:
+            adapter.A.detach().copy_(factors[0])  # detached: no autograd for the copy (as under no_grad)
+            adapter.B.detach().copy_(factors[1])
+        else:
+            with torch.no_grad():
                 adapter.B.zero_()  # a reused module's B holds its old values
                 # A drawn in float32 whatever the adapter's dtype: the same A, rounded
                 A = adapter.A if dtype == torch.float32 else torch.empty_like(adapter.A, dtype=torch.float32)

@@ -11,6 +11,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..core.identity import modules_of
 from ..core.layers import LoraLayer
 from ..core.precision import dense_weight, precision_among
 
@@ -135,9 +136,8 @@ def _state(weight: torch.Tensor) -> tuple:
             weight.device)
 
 
-@torch.no_grad()
 def _spots(weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(-1).index_select(0, positions)
+    return weight.detach().reshape(-1).index_select(0, positions)  # detached: no graph holds the weight
 
 
 def _recall(weight: torch.Tensor) -> list[float] | None:
@@ -181,4 +181,4 @@ def is_fingerprint(value) -> bool:
 def modules_precision(modules: dict[str, nn.Module], paths: list[str]) -> str:
     """The precision of the base under the adapted modules at `paths` (as core.precision.precision_of)."""
     bases = (m.base_layer if isinstance(m, LoraLayer) else m for m in (modules[p] for p in paths))
-    return precision_among(m for base in bases for m in base.modules())
+    return precision_among(m for base in bases for m in modules_of(base))
