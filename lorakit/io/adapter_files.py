@@ -198,13 +198,20 @@ def _written_config(model, modules, metadata: dict, exact: LoraConfig, paths: li
     text = metadata.get(META_CONFIG)
     try:
         written = LoraConfig(**json.loads(text)) if text is not None else None
-        same = written is not None and resolve(model, written, modules) == (paths, saved) and all(
-            (written.rank_for(p), written.alpha_for(p), written.scale_for(p)) ==
-            (exact.rank_for(p), exact.alpha_for(p), exact.scale_for(p)) for p in paths) and \
+        same = written is not None and resolve(model, written, modules) == (paths, saved) and \
+            _same_scales(written, exact, paths) and \
             (written.dropout, written.bias, written.init) == (exact.dropout, exact.bias, exact.init)
     except (LoraError, TypeError, ValueError, AttributeError):  # not a config this version reads: PEFT's wins
         same = False
     return written if same else exact
+
+
+def _same_scales(written: LoraConfig, exact: LoraConfig, paths: list[str]) -> bool:
+    """Both configs give every path the same rank, alpha and scale."""
+    if not (written.rank_pattern or written.alpha_pattern or exact.rank_pattern or exact.alpha_pattern):
+        paths = paths[:1]  # no patterns: every path gets each config's own rank and alpha
+    return all((written.rank_for(p), written.alpha_for(p), written.scale_for(p)) ==
+               (exact.rank_for(p), exact.alpha_for(p), exact.scale_for(p)) for p in paths)
 
 
 def _fill_copy(part: nn.Module, path: str, tensors: dict) -> None:

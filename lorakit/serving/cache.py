@@ -25,7 +25,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from torch import nn
 
 from ..core.adapters import delete_adapter
-from ..core.identity import active_adapter, adapters, check_adapter_name, set_active
+from ..core.identity import active_adapter, adapter_paths, adapters, check_adapter_name, set_active
+from ..core.layers import LoraLayer
 from ..errors import LoraError, problems_error
 from ..io.adapter_files import check_adapter_directory, load_adapter
 from ..core.mixed import mixed_batch
@@ -42,7 +43,8 @@ class AdapterCache:
         self.model = model
         self.capacity = capacity
         self._directories: dict[str, Path] = {}
-        self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        # least recently used first; each with a LoRA layer it was loaded into, (path, layer), or None
+        self._resident: OrderedDict[str, tuple[str, nn.Module] | None] = OrderedDict()
         self._in_use: Counter[str] = Counter()  # names held by open batch() blocks
         self._load_times: dict[str, float] = {}
         self.hits = self.misses = self.evictions = 0
@@ -90,9 +92,7 @@ class AdapterCache:
         those held by an open batch() or hold() block.
         """
         needed, kept = self._check_names(names, keep)
-        on_model = set(adapters(self.model))
-        for name in [n for n in self._resident if n not in on_model]:  # deleted behind our back
-            del self._resident[name]
+        self._forget_deleted()
         self._check_fits(needed, kept)
         pinned = set(needed) | kept | set(self._in_use)
         for name in needed:
@@ -191,9 +191,30 @@ class AdapterCache:
         start = time.perf_counter()
         load_adapter(self.model, self._directories[name], adapter=name, reuse=reuse)
         self._load_times[name] = time.perf_counter() - start
-        self._resident[name] = None
+        self._resident[name] = self._holder(name, list(reuse)[:1] or adapter_paths(self.model, name)[:1])
         if active != active_adapter(self.model):  # the first adapter injected becomes active
             set_active(self.model, active)
+
+    def _forget_deleted(self) -> None:
+        """Drop resident adapters deleted behind our back. The model is walked only if one of them is no longer
+        in the LoRA layer it was loaded into."""
+        if all(holder is not None and self._holder(name, [holder[0]]) == holder
+               for name, holder in self._resident.items()):
+            return
+        on_model = set(adapters(self.model))
+        for name in [n for n in self._resident if n not in on_model]:
+            del self._resident[name]
+
+    def _holder(self, name: str, paths: list[str]) -> tuple[str, nn.Module] | None:
+        """(path, layer) of the first of `paths` where the model has a LoRA layer holding adapter `name`."""
+        for path in paths:
+            try:
+                layer = self.model.get_submodule(path)
+            except AttributeError:  # the model changed behind our back
+                continue
+            if isinstance(layer, LoraLayer) and layer.holds(name):
+                return path, layer
+        return None
 
     def _forget(self, name: str) -> None:
         """Delete `name` from the model if resident."""
