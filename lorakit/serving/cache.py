@@ -35,7 +35,14 @@ SHOWN_NAMES = 20  # an error lists at most this many registered names
 
 
 class AdapterCache:
-    """Registered adapter folders by name; the most recently used `capacity` of them loaded on `model`."""
+    """Registered adapter folders by name; the most recently used `capacity` of them loaded on `model`.
+
+    register / register_many: name -> folder, loading nothing. ensure(names, keep=()): load the named adapters
+    that are missing, evicting the least recently used ones but never those named, in `keep`, or held.
+    hold(names): ensure, then pin the names until the block ends. batch(names): hold, and a mixed batch inside.
+    A miss evicts one adapter and builds the next in its modules (lk.load_adapter's `reuse`): its cost stays
+    flat however many adapters cycle through.
+    """
 
     def __init__(self, model: nn.Module, capacity: int = 8) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
@@ -45,7 +52,7 @@ class AdapterCache:
         self._directories: dict[str, Path] = {}
         # least recently used first; each with a LoRA layer it was loaded into, (path, layer), or None
         self._resident: OrderedDict[str, tuple[str, nn.Module] | None] = OrderedDict()
-        self._in_use: Counter[str] = Counter()  # names held by open batch() blocks
+        self._in_use: Counter[str] = Counter()  # names held by open batch() and hold() blocks
         self._load_times: dict[str, float] = {}
         self.hits = self.misses = self.evictions = 0
 
