@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.io.peft import CONFIG_FILE, WEIGHTS_FILE
+from walks import counting_walks
 
 
 class Net(nn.Module):
@@ -394,6 +395,49 @@ def test_replacing_the_active_adapter_keeps_it_active(tmp_path):
     assert isinstance(model.embed, nn.Embedding) and isinstance(model.conv, nn.Conv1d)  # unwrapped again
 
 
+@pytest.mark.parametrize("field", ["rank", "modules to save", "dropout"])
+def test_loading_into_a_deleted_adapters_parts_equals_a_fresh_load(tmp_path, field):
+    """reuse=: the parts lk.delete_adapter returned are taken over where they fit (same path, shapes, dropout,
+    dtype, device) and built new where not; the model ends up as after a plain load, listed in load order."""
+    x_dir = lk.save_adapter(trained(), tmp_path / "x")
+    y_dir = lk.save_adapter(with_trained_biases(trained(config=REPLACEMENTS[field])), tmp_path / "y")
+    model = holding_keep()
+    lk.load_adapter(model, x_dir, adapter="x")
+    parts = lk.delete_adapter(model, "x")
+    assert sorted(parts) == ["conv", "embed", "proj"] and all(isinstance(p, lk.LoraAdapter) for p in parts.values())
+    for part in parts.values():  # what training may have left on them
+        part.A.grad = torch.ones_like(part.A)
+        part.B.requires_grad_(False)
+    assert lk.load_adapter(model, y_dir, adapter="y", reuse=parts) == "y"
+    assert all(p.grad is None for _, layer in lk.lora_layers(model) for p in layer.adapters["y"].parameters())
+    direct = holding_keep()
+    lk.load_adapter(direct, y_dir, adapter="y")
+
+    got, want = described(model), described(direct)
+    for key in ("types", "grad", "adapters", "parts", "active", "configs"):
+        assert got[key] == want[key], key
+    assert got["state"].keys() == want["state"].keys()
+    for k in want["state"]:
+        assert torch.equal(got["state"][k], want["state"][k]), k
+    taken = {path for path, layer in lk.lora_layers(model)
+             if layer.holds("y") and layer.adapters["y"] is parts.get(path)}
+    fits = {"rank": {"conv"}, "modules to save": {"conv", "embed", "proj"}, "dropout": {"embed"}}[field]
+    assert taken == fits  # rank: only conv keeps rank 2; dropout: only the embedding (which takes none) fits
+    torch.testing.assert_close(model(IDS), direct(IDS), rtol=0, atol=0)
+
+
+def test_reusing_parts_still_on_the_model_is_refused_and_changes_nothing(saved):
+    _, directory = saved
+    model = holding_keep()
+    lk.load_adapter(model, directory, adapter="x")
+    before = snapshot(model)
+    on_model = {path: layer.adapters["x"] for path, layer in lk.lora_layers(model) if layer.holds("x")}
+    with pytest.raises(lk.LoraError, match=r"reuse: the parts at \['embed', 'conv', 'proj'\] belong to adapters on "
+                                           r"the model.*lk.delete_adapter"):
+        lk.load_adapter(model, directory, adapter="y", reuse=on_model)
+    assert_unchanged(model, before)
+
+
 def test_loading_into_a_merged_model_is_refused_and_changes_nothing(saved):
     _, directory = saved
     model = trained(seed=0)
@@ -526,23 +570,14 @@ def test_three_hundred_damaged_files_each_fail_cleanly_or_load_finite_tensors(sa
     assert outcomes["error"] > 200 and sum(outcomes.values()) == 300, outcomes
 
 
-def test_a_load_walks_the_model_once(saved, monkeypatch):
-    """Plan-then-apply reads one listing of the model's modules and its parameters twice (for the undo
-    record and to freeze the base); the old loader walked it 20 times."""
+def test_a_load_walks_the_model_once(saved):
+    """Plan-then-apply reads one listing of the model's modules, without the adapters' insides; the undo
+    record and the freezing reuse it (the old loader walked the model 20 times, then 3)."""
     _, directory = saved
     model = holding_keep()
-    walks = []
-    original = nn.Module.named_modules
-
-    def counting(self, *args, **kwargs):
-        if self is model:
-            walks.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(nn.Module, "named_modules", counting)
-    lk.load_adapter(model, directory)
-    monkeypatch.undo()
-    assert len(walks) == 3, len(walks)
+    with counting_walks(model) as children:
+        lk.load_adapter(model, directory)
+    assert children.listed == 1, children.listed
 
 
 @pytest.mark.parametrize("field, value", [

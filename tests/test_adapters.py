@@ -9,6 +9,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.core.adapters import followers, temporarily
+from lorakit.core.identity import surface
 from cases import Toy, factors_of, randomize_model_, toy_reference
 
 IDX = torch.tensor([[1, 5, 2, 12, 0], [3, 3, 7, 9, 11]])
@@ -232,3 +233,16 @@ def test_followers_share_one_protocol_and_temporarily_restores_each_value():
     assert (q.disabled, v.disabled, head.disabled) == (False, False, False)
     head.drop("default")
     assert head.empty and not head.holds("default")
+
+
+def test_surface_is_named_modules_without_the_insides_of_followers():
+    """Against named_modules itself: every module outside a follower, followers included, in module order, a
+    module reached twice listed once (here a linear layer both wrapped and registered again elsewhere)."""
+    model = Toy()
+    model.alias = model.o_proj  # one module at two paths
+    lk.inject_(model, lk.LoraConfig(rank=2, targets=("q_proj", "o_proj"), modules_to_save=("lm_head",)))
+    lk.inject_(model, lk.LoraConfig(rank=2, targets=("q_proj",)), adapter="second")
+    followers_at = [p + "." for p, m in model.named_modules() if isinstance(m, (lk.LoraLayer, lk.ModuleToSave))]
+    expected = [(p, m) for p, m in model.named_modules() if not p.startswith(tuple(followers_at))]
+    assert list(surface(model)) == expected
+    assert "alias" not in dict(expected)  # o_proj's base layer, reached first inside the wrapper

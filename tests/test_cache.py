@@ -8,6 +8,7 @@ import transformers
 
 import lorakit as lk
 import tiny
+from walks import counting_walks
 
 # Three adapters with different targets and ranks, so a mixed batch stacks and pads them.
 ADAPTERS = {
@@ -131,6 +132,51 @@ def test_an_open_batch_keeps_its_adapters(folders):
     assert cache.loaded() == ["mlp", "q"] and sorted(lk.adapters(model)) == ["mlp", "q"]
 
 
+def test_keep_protects_adapters_the_call_does_not_name(folders):
+    model, cache = cache_for(folders, capacity=2)
+    cache.ensure(["qv"])
+    cache.ensure(["q"])  # "qv" is now the least recently used ...
+    cache.ensure(["mlp"], keep=["qv", None, "mlp"])  # ... but kept: "q" goes
+    assert cache.loaded() == ["qv", "mlp"] and sorted(lk.adapters(model)) == ["mlp", "qv"]
+    cache.ensure(["q"], keep=["q"])  # keeping what the call names anyway changes nothing: "qv" goes
+    assert cache.loaded() == ["mlp", "q"]
+    with pytest.raises(lk.LoraError, match=r"capacity=2.*1 different adapters at once, 2 more in keep.*capacity=3"):
+        cache.ensure(["qv"], keep=["mlp", "q"])
+    assert cache.loaded() == ["mlp", "q"] and cache.misses == 4  # checked before evicting anything
+    with pytest.raises(lk.LoraError, match=r"keep: unknown adapter\(s\) \['sql'\]"):
+        cache.ensure(["q"], keep=["sql"])
+    with pytest.raises(lk.LoraError, match=r"keep='q': give a list"):
+        cache.ensure(["q"], keep="q")
+
+
+def test_keep_counts_only_resident_adapters(folders):
+    model, cache = cache_for(folders, capacity=1)
+    cache.ensure(["q"], keep=["qv", "mlp"])  # not loaded: nothing to keep, and room for "q"
+    assert cache.loaded() == ["q"]
+
+
+def test_hold_pins_like_batch_without_a_mixed_batch(folders):
+    model, cache = cache_for(folders, capacity=2)
+    ids = tokens(2)
+    with torch.no_grad():
+        base_out = model(input_ids=ids).logits
+    with cache.hold(["qv", None]) as held:
+        assert held is model and cache.loaded() == ["qv"]
+        assert all(m.routing is None for _, m in lk.lora_layers(model))  # not a mixed batch: the caller routes
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, base_out, rtol=0, atol=0)  # active: none
+        with cache.hold(["q"]):  # nested: both held
+            with pytest.raises(lk.LoraError, match=r"capacity=2.*1 different adapters at once, 2 more held by an "
+                                                    r"open batch\(\) or hold\(\)"):
+                cache.ensure(["mlp"])
+        cache.ensure(["mlp"])  # "q" is free again; "qv" is still held
+        assert cache.loaded() == ["qv", "mlp"]
+        with pytest.raises(lk.LoraError, match=r"'qv': in use by an open cache.batch\(\) or cache.hold\(\)"):
+            cache.register("qv", folders["q"])
+    cache.ensure(["q"])  # after the block "qv" may go
+    assert cache.loaded() == ["mlp", "q"]
+
+
 def test_more_adapters_in_one_call_than_capacity_is_an_error(folders):
     model, cache = cache_for(folders, capacity=2)
     with pytest.raises(lk.LoraError, match=r"capacity=2.*3 different adapters.*capacity=3"):
@@ -144,6 +190,12 @@ def test_an_adapter_deleted_behind_the_cache_is_loaded_again(folders):
     lk.delete_adapter(model, "qv")
     cache.ensure(["qv"])
     assert lk.adapters(model) == ["qv"] and (cache.hits, cache.misses) == (0, 2)
+    cache.ensure(["q", "mlp"])
+    lk.delete_adapter(model, "q")
+    lk.unload_(model)  # and every LoRA layer replaced: the layers the cache loaded into are gone
+    lk.inject_(model, ADAPTERS["mlp"], adapter="mlp")  # an adapter of a cached name, but not the cache's
+    cache.ensure(["mlp"])  # as before: a name on the model counts as loaded
+    assert cache.loaded() == ["mlp"] and (cache.hits, cache.misses) == (1, 4)
 
 
 def test_registering_a_new_folder_for_a_name_reloads_it(folders):
@@ -201,6 +253,50 @@ def test_hundreds_of_registered_names_serve_batches_within_capacity(folders):
     assert cache.loaded() == ["task150", "task151", "task000", "task152"]
     assert cache.evictions == 3 and cache.hits == 1 and cache.misses == 7
     assert set(cache.load_times) == {"task000", "task101", "task002", "task199", "task150", "task151", "task152"}
+
+
+def test_many_cycling_adapters_give_fresh_load_outputs_and_each_miss_does_the_same_work(folders, tmp_path, monkeypatch):
+    """Twelve distinct adapters cycle four times through capacity 3: every miss (an eviction and a load) walks the
+    model four times, however many adapters came before, probes no base weight after the first load and, once
+    the cache is full, builds no module (the evicted adapter's are reused); the outputs after all cycles equal a
+    fresh base with each adapter loaded directly."""
+    model = base(folders)
+    writer = base(folders)
+    g = torch.Generator().manual_seed(3)
+    directories = {}
+    for i in range(12):
+        lk.inject_(writer, ADAPTERS["qv"], adapter="w")
+        with torch.no_grad():
+            for _, layer in lk.lora_layers(writer):
+                layer.adapters["w"].B.copy_(torch.randn(layer.adapters["w"].B.shape, generator=g))
+        directories[f"t{i}"] = lk.save_adapter(writer, tmp_path / f"t{i}", adapter="w")
+        lk.delete_adapter(writer, "w")
+    cache = lk.AdapterCache(model, capacity=3)
+    cache.register_many(directories)
+    probed, real = [], lk.io.integrity._probe_weights
+    monkeypatch.setattr(lk.io.integrity, "_probe_weights", lambda weights: probed.append(len(weights)) or real(weights))
+    built, module_init = [], torch.nn.Module.__init__
+    monkeypatch.setattr(torch.nn.Module, "__init__",
+                        lambda self, *a, **k: built.append(1) or module_init(self, *a, **k))
+    walks = []
+    with counting_walks(model) as children:
+        for cycle in range(4):
+            for name in directories:
+                before, probes_before, built_before = children.listed, len(probed), len(built)
+                cache.ensure([name])
+                walks.append(children.listed - before)
+                assert cycle == 0 and name == "t0" or sum(probed[probes_before:]) == 0, name  # remembered
+                assert cycle == 0 and name in ("t0", "t1", "t2") or len(built) == built_before, name
+    # the eviction, the active adapter before and after (the first follower only), the load's listing of modules;
+    # the check for adapters deleted behind the cache's back looks at the layers they were loaded into
+    assert walks[3:] == [4] * (len(walks) - 3), walks
+    assert cache.misses == 48 and cache.evictions == 45
+    names = ["t9", None, "t10", "t11", "t9"]
+    ids = tokens(len(names), seed=5)
+    with torch.no_grad(), cache.batch(names):
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, reference_logits(folders, [directories[n] if n else None for n in names], ids),
+                               rtol=1e-5, atol=1e-5)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ import pickle
 from types import MappingProxyType
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import lorakit as lk
-from lorakit.core.targets import path_matches
+from lorakit.core.targets import names_module, path_matches, paths_matching, paths_named
 
 # One bad value per field; each must be named (field and value) in the error.
 BAD_FIELDS = {
@@ -169,6 +171,19 @@ def test_to_dict_is_json_and_round_trips():
 ])
 def test_path_matches(path, pattern, expected):
     assert path_matches(path, pattern) is expected
+    assert paths_matching([path], [pattern]) == {pattern: [path] if expected else []}
+
+
+PARTS = ["model", "layers", "0", "1", "q_proj", "v_proj", "self_attn", "attn"]
+
+
+@given(paths=st.lists(st.lists(st.sampled_from(PARTS), min_size=1, max_size=5).map(".".join), unique=True),
+       patterns=st.lists(st.one_of(st.lists(st.sampled_from(PARTS), min_size=1, max_size=3).map(".".join),
+                                   st.sampled_from(["*.q_proj", "model.*", "*", "layers.[01].*", "?_proj", "0"]))))
+def test_paths_matching_is_path_matches_for_every_pair(paths, patterns):
+    """The indexed lookups (plain names by suffix) against the rules themselves, pair by pair."""
+    assert paths_matching(paths, patterns) == {t: [p for p in paths if path_matches(p, t)] for t in patterns}
+    assert paths_named(paths, patterns) == {t: [p for p in paths if names_module(p, t)] for t in patterns}  # literal
 
 
 def test_rank_and_alpha_patterns_resolve_per_module_first_match_wins():

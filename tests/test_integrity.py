@@ -39,3 +39,55 @@ def _holding(weight: torch.Tensor) -> nn.Module:
     holder = nn.ModuleDict({"proj": nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)})
     holder["proj"].weight.data = weight
     return holder
+
+
+def test_a_remembered_fingerprint_is_reused_only_while_the_weight_is_unchanged(monkeypatch):
+    """Each weight is probed once while unchanged; a write (in place, through `.data`, or a new tensor under
+    `.data`) makes the next fingerprint probe it again and agree with a fresh computation."""
+    probed, real = [], integrity._probe_weights
+
+    def counting(weights):
+        probed.extend([sorted(weights)] if weights else [])
+        return real(weights)
+
+    monkeypatch.setattr(integrity, "_probe_weights", counting)
+    holder = _holding(torch.randn(96, 64, generator=torch.Generator().manual_seed(0)))
+    modules = dict(holder.named_modules())
+    weight = holder["proj"].weight
+
+    def fingerprint():
+        return integrity.base_fingerprint(modules, ["proj"])["proj"]
+
+    def fresh():
+        return real({"proj": weight.detach()})["proj"]
+
+    first = fingerprint()
+    assert fingerprint() == first and probed == [["proj"]]  # the second call probes nothing
+    for change in (lambda: weight.mul_(1.5),  # in place: autograd's version counts it
+                   lambda: weight.data.mul_(2.0),  # through .data: the version does not, the spot check does
+                   lambda: setattr(weight, "data", torch.randn(96, 64))):  # a new tensor under the same parameter
+        with torch.no_grad():
+            change()
+        probed.clear()
+        assert fingerprint() == fresh() != first and probed == [["proj"]]
+        first = fingerprint()
+
+
+def test_a_freed_weight_takes_its_remembered_fingerprint_along():
+    before = len(integrity._REMEMBERED)
+    holder = _holding(torch.randn(96, 64))
+    integrity.base_fingerprint(dict(holder.named_modules()), ["proj"])
+    assert len(integrity._REMEMBERED) == before + 1
+    del holder
+    assert len(integrity._REMEMBERED) == before
+
+
+def test_non_finite_names_exactly_the_tensors_with_a_nan_or_an_inf():
+    """Against torch.isfinite entry by entry, including float64 sums that overflow without any Inf entry."""
+    big = torch.full((4,), torch.finfo(torch.float64).max, dtype=torch.float64)  # finite; its sum is not
+    tensors = {"ok": torch.randn(3, 5), "nan": torch.tensor([1.0, float("nan")]), "big": big,
+               "inf": torch.tensor([float("-inf")], dtype=torch.bfloat16), "ints": torch.arange(4),
+               "half": torch.full((8,), 60000.0, dtype=torch.float16), "empty": torch.zeros(0)}
+    expected = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert integrity.non_finite(tensors) == expected == ["nan", "inf"]
+    assert integrity.non_finite({"ints": torch.arange(3)}) == []

@@ -10,7 +10,7 @@ from typing import Iterator
 from torch import nn
 
 from ..errors import LoraError
-from .identity import adapters, followers, merged_adapter, temporarily, unknown_adapter
+from .identity import adapters_in, followers, merged_adapter, merged_in, temporarily, unknown_adapter
 from .merge import merge_, unmerge_
 
 
@@ -29,22 +29,26 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             merge_(model, merged)
 
 
-def delete_adapter(model: nn.Module, adapter: str) -> None:
+def delete_adapter(model: nn.Module, adapter: str) -> dict[str, nn.Module]:
     """Remove adapter `adapter`; layers (and modules to save) left with no adapter become their
-    plain base layer (original module) again.
+    plain base layer (original module) again. Returns its parts by path (LoraAdapters, copies of
+    modules to save), off the model: lk.load_adapter(..., reuse=parts) can build the next adapter in them.
 
     If it was active, no adapter is active afterwards (the model behaves as the base).
     """
-    if adapter not in adapters(model):
+    present = followers(model)
+    if adapter not in adapters_in(present):
         raise unknown_adapter(model, adapter)
-    if merged_adapter(model) == adapter:
+    if merged_in(present) == adapter:
         raise LoraError(f"adapter={adapter!r} is merged into the weights; call lk.unmerge_(model) first")
-    for _, module in followers(model):
+    parts = {}
+    for path, module in present:
         if module.holds(adapter):
-            module.drop(adapter)
+            parts[path] = module.drop(adapter)
         if module.active_adapter == adapter:
             module.active_adapter = None
-    unwrap_empty_(model, followers(model))
+    unwrap_empty_(model, present)
+    return parts
 
 
 def unwrap_empty_(model: nn.Module, present: list[tuple[str, nn.Module]]) -> None:

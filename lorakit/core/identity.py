@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from torch import nn
 
@@ -39,6 +39,7 @@ class Follower(Protocol):
 
 
 FOLLOWER_TYPES = (LoraLayer, ModuleToSave)
+_A_MODULE_DICT = nn.ModuleDict()  # never changed: what a ModuleDict's own attributes are
 
 
 def check_adapter_name(adapter) -> None:
@@ -47,21 +48,56 @@ def check_adapter_name(adapter) -> None:
             f"adapter={adapter!r}: an adapter name must be a non-empty string of letters, digits, '_' or '-', "
             "e.g. adapter='default'"
         )
-    if hasattr(nn.ModuleDict(), adapter):
+    if hasattr(_A_MODULE_DICT, adapter):
         # Adapters are keys of ModuleDicts, which refuse their own attribute names.
         raise LoraError(f"adapter={adapter!r} is the name of a torch module attribute; pick another name, "
                         f"e.g. adapter='{adapter}_1'")
 
 
+def surface(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """model.named_modules() without the insides of followers: (path, module) of `model` and of every module
+    in it, followers included, depth first in module order.
+
+    A follower's insides are the module it wraps and its adapters' parts, so a walk that skips them costs the
+    same however many adapters are loaded. As in named_modules, a module reached twice is listed once, the
+    wrapped module of a follower counting as reached.
+    """
+    seen: set[nn.Module] = set()
+    stack = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        yield path, module
+        if isinstance(module, FOLLOWER_TYPES):
+            seen.update(modules_of(module.wrapped))
+            continue
+        children = module._modules
+        if children:  # most modules are leaves
+            prefix = path + "." if path else ""
+            stack.extend([(prefix + name, child) for name, child in reversed(children.items()) if child is not None])
+
+
+def modules_of(module: nn.Module) -> Iterable[nn.Module]:
+    """module.modules(), quicker for a leaf (what a follower wraps is usually one)."""
+    return module.modules() if module._modules else (module,)
+
+
 def followers(model: nn.Module) -> list[tuple[str, Follower]]:
     """(path, module) of every module that follows the active adapter, in module order."""
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, FOLLOWER_TYPES)]
+    return [(path, m) for path, m in surface(model) if isinstance(m, FOLLOWER_TYPES)]
 
 
 def adapters(model: nn.Module) -> list[str]:
     """Names of the adapters in the model, in the order they were added."""
+    return adapters_in(followers(model))
+
+
+def adapters_in(present: list[tuple[str, Follower]]) -> list[str]:
+    """adapters(model), read from `present`, the model's followers (for a caller that has listed them)."""
     created: dict[str, int] = {}  # not module order: a layer may lack earlier adapters
-    for _, module in followers(model):
+    for _, module in present:
         if isinstance(module, LoraLayer):
             for name, adapter in module.adapters.items():
                 created.setdefault(name, adapter.created)  # one inject_ adds it to every layer at once
@@ -83,14 +119,18 @@ def adapter_paths(model: nn.Module, adapter: str) -> list[str]:
 
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter the model currently applies (None: none, or no adapters)."""
-    for _, module in followers(model):
-        return module.active_adapter
-    return None
+    first = next((m for _, m in surface(model) if isinstance(m, FOLLOWER_TYPES)), None)  # all follow the same one
+    return None if first is None else first.active_adapter
 
 
 def merged_adapter(model: nn.Module) -> str | None:
     """The adapter merged into the base weights, or None."""
-    for _, module in followers(model):
+    return merged_in(followers(model))
+
+
+def merged_in(present: list[tuple[str, Follower]]) -> str | None:
+    """merged_adapter(model), read from `present`, the model's followers."""
+    for _, module in present:
         if isinstance(module, LoraLayer) and module.merged_adapter is not None:
             return module.merged_adapter
     return None

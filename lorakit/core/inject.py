@@ -2,28 +2,23 @@
 from __future__ import annotations
 
 import difflib
+from typing import Mapping
 
+import torch
 from torch import nn
 
 from ..errors import LoraError, problems_error
 from .config import LoraConfig
-from .identity import FOLLOWER_TYPES, adapters, check_adapter_name
+from .identity import FOLLOWER_TYPES, adapters, check_adapter_name, modules_of, surface
 from .layers import LoraAdapter, LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, supported_type_names
 from .modules_to_save import CONTAINERS, ModuleToSave, trainable_copy
 from .precision import is_quantized
-from .targets import ALL_LINEAR, default_targets, model_type, path_matches
+from .targets import ALL_LINEAR, default_targets, model_type, path_matches, paths_matching
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module a target may name, with LoRA layers and modules to save standing in for the
     module they wrap."""
-    found, wrapper = [], None  # wrapper: "path." of the LoRA layer / module to save being skipped
-    for path, module in model.named_modules():  # depth first: a wrapper's insides follow it directly
-        if wrapper is not None and path.startswith(wrapper):
-            continue
-        wrapper = path + "." if isinstance(module, (LoraLayer, ModuleToSave)) else None
-        if path:
-            found.append((path, module))
-    return found
+    return [(path, module) for path, module in surface(model) if path]
 
 
 def base_of(module: nn.Module) -> nn.Module:
@@ -61,12 +56,14 @@ def resolve(model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Mo
     whole = set(saved) | {p for p, m in modules if isinstance(m, ModuleToSave)}  # trained in full, never LoRA
     problems: list[str] = []
     chosen: dict[str, nn.Module] = {}
-    for target in _targets(model, config, modules):
+    targets, by_path = _targets(model, config, modules), dict(modules)
+    matched = paths_matching(list(by_path), [t for t in targets if t != ALL_LINEAR])
+    for target in targets:
         if target == ALL_LINEAR:
             hits = [(p, m) for p, m in modules if is_linear(base_of(m)) and base_of(m) is not head
                     and p not in unwrappable and p not in whole]
         else:
-            hits = [(p, m) for p, m in modules if path_matches(p, target)]
+            hits = [(p, by_path[p]) for p in matched[target]]
         if not hits:
             problems.append(_no_match(target, modules))
         chosen.update(hits)
@@ -154,7 +151,7 @@ def _overlap_problems(modules: list[tuple[str, nn.Module]], adapted: list[str], 
         for s in saved for a in adapted if nested(a, s)
     ]
     for path, module in modules:
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and saved:
             problems += [f"modules_to_save: {s!r} overlaps {path!r}, which has LoRA adapter(s) "
                          f"{list(module.adapters)}; drop it from modules_to_save" for s in saved if nested(path, s)]
         if isinstance(module, ModuleToSave):
@@ -167,8 +164,10 @@ def _overlap_problems(modules: list[tuple[str, nn.Module]], adapted: list[str], 
 
 def _read_by_weight(modules: list[tuple[str, nn.Module]]) -> set[str]:
     """Paths of layers whose parent uses their .weight without calling them (MultiheadAttention)."""
-    parents = {p for p, m in modules if isinstance(base_of(m), nn.MultiheadAttention)}
-    return {p for p, _ in modules if p.rpartition(".")[0] in parents}
+    # base_of only where it can be one: a module to save may wrap one, a LoRA layer never does
+    parents = {p for p, m in modules if isinstance(m, (nn.MultiheadAttention, ModuleToSave))
+               and isinstance(base_of(m), nn.MultiheadAttention)}
+    return {p for p, _ in modules if p.rpartition(".")[0] in parents} if parents else set()
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -221,8 +220,7 @@ def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> l
     modules = candidate_modules(model)
     check_not_merged(modules)
     paths, saved = resolve(model, config, modules)
-    present = [(p, m) for p, m in modules if isinstance(m, FOLLOWER_TYPES)]
-    attach_(model, adapter, new_parts(dict(modules), config, paths, saved), config.bias, present)
+    attach_(model, adapter, new_parts(dict(modules), config, paths, saved), config.bias, modules)
     return paths
 
 
@@ -232,26 +230,32 @@ def check_not_merged(modules: list[tuple[str, nn.Module]]) -> None:
         raise LoraError("model is merged; call lk.unmerge_(model) before adding or replacing an adapter")
 
 
-def new_parts(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str],
-              saved: list[str]) -> dict[str, nn.Module]:
-    """path -> a new adapter's part there, not yet attached: a fresh LoraAdapter on each LoRA target,
-    a trainable copy of each module to save."""
+def new_parts(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str], saved: list[str],
+              factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              reuse: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """path -> a new adapter's part there, not yet attached: a LoraAdapter on each LoRA target (fresh, or
+    holding a copy of factors[path], its A and B; built in reuse[path], a deleted adapter's part, where it
+    fits), a trainable copy of each module to save."""
+    factors, reuse = factors or {}, reuse or {}
     parts: dict[str, nn.Module] = {}
     for path in paths:
         base = base_of(modules[path])
-        parts[path] = layer_class_for(base).new_adapter(base, path, config)
+        parts[path] = layer_class_for(base).new_adapter(base, path, config, factors.get(path), reuse.get(path))
     parts.update({path: trainable_copy(base_of(modules[path])) for path in saved})
     return parts
 
 
 def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: str,
-            present: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+            modules: list[tuple[str, nn.Module]], base: list[nn.Parameter] | None = None
+            ) -> list[tuple[str, nn.Module]]:
     """Put adapter `adapter`'s parts into the model: wrap each path in a LoRA layer (LoraAdapter parts)
     or a ModuleToSave (copies) unless it is one already, freeze all but adapter parts, and make the
     biases `bias` names trainable. The model's active adapter stays (the first adapter becomes it).
 
-    `present` are the model's followers (identity.followers); returns them with the new wrappers.
+    `modules` is candidate_modules(model) before this call, `base` base_parameters(model, modules) if the
+    caller has them; returns the model's followers (identity.followers) with the new wrappers.
     """
+    present = [(p, m) for p, m in modules if isinstance(m, FOLLOWER_TYPES)]
     active = present[0][1].active_adapter if present else adapter
     by_path, adapted = dict(present), []
     for path, part in parts.items():
@@ -265,17 +269,32 @@ def attach_(model: nn.Module, adapter: str, parts: dict[str, nn.Module], bias: s
         if isinstance(part, LoraAdapter):
             adapted.append(module)
     present = list(by_path.items())
-    _freeze_base(model, present)
+    for p in base if base is not None else base_parameters(model, modules):  # all but adapters' parts
+        if p.requires_grad:
+            p.requires_grad_(False)
     _unfreeze_biases(model, bias, adapted, present)
     return present
 
 
-def _freeze_base(model: nn.Module, present: list[tuple[str, nn.Module]]) -> None:
-    """Freeze every parameter that is not in an adapter's part (a LoRA A or B, a copy of a module to save)."""
-    adapter_params = {id(p) for _, module in present for p in module.parts.parameters()}
-    for p in model.parameters():
-        if id(p) not in adapter_params:
-            p.requires_grad_(False)
+def base_parameters(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[nn.Parameter]:
+    """Every parameter of `model` outside adapters' parts, each once: the base's own, wrapped layers' included.
+
+    `modules` is candidate_modules(model) (wrapping a module since leaves its parameters the same); they hold
+    no parts, so this costs the same however many adapters are loaded.
+    """
+    found: dict[int, nn.Parameter] = {}
+    for module in [model, *(m for _, m in modules)]:
+        owners = modules_of(module.wrapped) if isinstance(module, FOLLOWER_TYPES) else (module,)
+        for owner in owners:
+            if owner._parameters:  # most modules are containers without parameters of their own
+                found.update((id(p), p) for p in owner._parameters.values() if p is not None)
+    return list(found.values())
+
+
+def attach_settable(model: nn.Module, bias: str, base: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters whose requires_grad attach_ may set: the base's (`base`: base_parameters; frozen, some
+    biases unfrozen) and, with bias='all', every bias (a copy of a module to save's too)."""
+    return list(model.parameters()) if bias == "all" else base
 
 
 def _unfreeze_biases(model: nn.Module, bias: str, layers: list[LoraLayer], present: list[tuple[str, nn.Module]]) -> None:

@@ -49,7 +49,29 @@ class LoraAdapter(nn.Module):
 
     @property
     def dropout_p(self) -> float:
-        return getattr(self.dropout, "p", 0.0)
+        dropout = self.dropout
+        return 0.0 if isinstance(dropout, nn.Identity) else getattr(dropout, "p", 0.0)  # Identity: no failed lookup
+
+    def fits(self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], dropout: float, device: torch.device,
+             dtype: torch.dtype) -> bool:
+        """Whether this module, once its adapter is deleted, can be renewed as one of these shapes, dropout,
+        device and dtype."""
+        A, B = self.A, self.B
+        return (type(self) is LoraAdapter and A.shape == shape_a and B.shape == shape_b and self.dropout_p == dropout
+                and A.device == B.device == device and A.dtype == B.dtype == dtype)
+
+    def renew_(self, scale: float, config: LoraConfig) -> LoraAdapter:
+        """This module (of a deleted adapter) as a new adapter: its scale, config and creation time set, A and B
+        trainable without a gradient; the caller fills A and B. Hooks on it stay."""
+        # Plain attributes: set directly, as nn.Module.__init__ sets its own (Module.__setattr__'s checks for
+        # parameters, modules and buffers cost microseconds each, and a cache renews 60 modules per load)
+        vars(self).update(scale=scale, config=config, created=next(_CREATION))
+        for factor in (self.A, self.B):
+            if not factor.requires_grad:
+                factor.requires_grad_(True)
+            if factor.grad is not None:
+                factor.grad = None
+        return self
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
@@ -97,18 +119,31 @@ class LoraLayer(nn.Module):
 
     # --- adapters ------------------------------------------------------------------------------
     @classmethod
-    def new_adapter(cls, base: nn.Module, path: str, config: LoraConfig) -> LoraAdapter:
-        """A fresh adapter for the module at `path` (a no-op: B = 0), with the rank, scale, dropout and
-        init `config` gives that path; not yet attached to any layer."""
+    def new_adapter(cls, base: nn.Module, path: str, config: LoraConfig,
+                    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    reuse: nn.Module | None = None) -> LoraAdapter:
+        """A new adapter for the module at `path`, with the rank, scale, dropout and init `config` gives
+        that path; not yet attached to any layer. Fresh (a no-op: B = 0), or holding a copy of `factors`
+        (A, B; e.g. read from a file) in the adapter's own dtype and device. Built in `reuse`, a deleted
+        adapter's module, where it fits (LoraAdapter.fits): the same adapter, without allocating one."""
         rank = config.rank_for(path)
         shape_a, shape_b = cls.adapter_shapes(base, rank)
         dropout = config.dropout if cls.takes_dropout else 0.0
-        dtype = getattr(torch, config.adapter_dtype)
-        adapter = LoraAdapter(shape_a, shape_b, config.scale_for(path), dropout, config, base.weight.device, dtype)
-        with torch.no_grad():  # drawn in float32 whatever the adapter's dtype: the same A, rounded
-            A = adapter.A if dtype == torch.float32 else torch.empty_like(adapter.A, dtype=torch.float32)
-            cls.init_A(A, config.init, rank)
-            adapter.A.copy_(A)
+        dtype, device, scale = getattr(torch, config.adapter_dtype), base.weight.device, config.scale_for(path)
+        if isinstance(reuse, LoraAdapter) and reuse.fits(shape_a, shape_b, dropout, device, dtype):
+            adapter = reuse.renew_(scale, config)
+        else:
+            adapter = LoraAdapter(shape_a, shape_b, scale, dropout, config, device, dtype)
+        if factors is not None:
+            adapter.A.detach().copy_(factors[0])  # detached: no autograd for the copy (as under no_grad)
+            adapter.B.detach().copy_(factors[1])
+        else:
+            with torch.no_grad():
+                adapter.B.zero_()  # a reused module's B holds its old values
+                # A drawn in float32 whatever the adapter's dtype: the same A, rounded
+                A = adapter.A if dtype == torch.float32 else torch.empty_like(adapter.A, dtype=torch.float32)
+                cls.init_A(A, config.init, rank)
+                adapter.A.copy_(A)
         return adapter.train(base.training)  # an eval model stays eval
 
     @staticmethod

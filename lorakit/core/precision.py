@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import importlib.util
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -119,11 +120,18 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 def precision_of(model: nn.Module) -> str:
     """The base precision a model holds: 'nf4' or 'int8' if any layer is quantized so, else the dtype
     of most of its floating-point parameters."""
-    kinds = {quantized_kind(m) for m in model.modules()} - {None}
+    return precision_among(model.modules())
+
+
+def precision_among(modules: Iterable[nn.Module]) -> str:
+    """precision_of for these modules (with their own parameters; each module and parameter counted once)."""
+    modules = list(dict.fromkeys(modules))
+    kinds = {quantized_kind(m) for m in modules} - {None}
     if kinds:
         return "nf4" if "nf4" in kinds else sorted(kinds)[0]
     counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
+    params = {id(p): p for m in modules for p in m._parameters.values() if p is not None}
+    for p in params.values():
         if p.is_floating_point():
             counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     dtype = max(counts, key=counts.get) if counts else torch.float32

@@ -12,6 +12,7 @@ import fnmatch
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+GLOB_CHARACTERS = "*?["  # fnmatch's; a pattern without them is a plain name
 
 # transformers model_type -> the attention projections LoRA adapts by default (the LoRA paper's W_q, W_v).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -35,6 +36,33 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 def path_matches(path: str, pattern: str) -> bool:
     """lorakit's rule: a module path matches a pattern if equal, if it ends with '.' + pattern, or as a glob."""
     return names_module(path, pattern) or fnmatch.fnmatchcase(path, pattern)
+
+
+def paths_matching(paths: list[str], patterns) -> dict[str, list[str]]:
+    """pattern -> the paths that match it (path_matches), in `paths` order. Plain names are looked up
+    (paths_named); globs are matched as path_matches does."""
+    globs = [p for p in dict.fromkeys(patterns) if any(c in p for c in GLOB_CHARACTERS)]
+    found = paths_named(paths, [p for p in patterns if p not in globs])  # fnmatch of a plain name: equality
+    found.update({pattern: [path for path in paths if path_matches(path, pattern)] for pattern in globs})
+    return {pattern: found[pattern] for pattern in patterns}
+
+
+def paths_named(paths: list[str], names) -> dict[str, list[str]]:
+    """name -> the paths it names (names_module), in `paths` order.
+
+    Fast for many names (a PEFT file names every adapted module): a name is a dotted suffix of the paths it
+    names, so only paths ending in one of the names' last parts are looked at, and by dict lookup rather
+    than one comparison per name.
+    """
+    found: dict[str, list[str]] = {name: [] for name in names}
+    leaves = {name.rpartition(".")[2] for name in found}
+    for path in paths:
+        if path.rpartition(".")[2] in leaves:
+            parts = path.split(".")
+            for suffix in (".".join(parts[i:]) for i in range(len(parts))):
+                if suffix in found:
+                    found[suffix].append(path)
+    return found
 
 
 def names_module(path: str, name: str) -> bool:

@@ -16,7 +16,9 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Mapping
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,14 +27,16 @@ from torch import nn
 from ..core.adapters import unwrap_empty_
 from ..core.config import LoraConfig
 from ..core.identity import FOLLOWER_TYPES, active_adapter, adapter_config, check_adapter_name, followers
-from ..core.inject import attach_, base_of, candidate_modules, check_not_merged, new_parts, resolve
-from ..core.layers import LoraAdapter, LoraLayer, layer_class_for
+from ..core.inject import (attach_, attach_settable, base_of, base_parameters, candidate_modules, check_not_merged,
+                           new_parts, resolve)
+from ..core.layers import LoraLayer, layer_class_for
 from ..core.modules_to_save import ModuleToSave
 from ..core.precision import precision_of
 from ..errors import LoraError, problems_error
 from . import peft
 from .files import write_atomically
-from .integrity import base_fingerprint, fingerprint_problems, is_fingerprint, modules_precision, tensor_checksum
+from .integrity import (base_fingerprint, fingerprint_problems, is_fingerprint, modules_precision, non_finite,
+                        tensor_checksum)
 from .peft import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = "3"  # 3: tensor checksum, config read back; 2: sampled base fingerprint; 1: full fingerprint
@@ -124,47 +128,68 @@ class _Load:
     config: LoraConfig
     parts: dict[str, nn.Module]
     biases: list[tuple[nn.Parameter, torch.Tensor]]
-    present: list[tuple[str, nn.Module]]  # the model's followers when planned
+    modules: list[tuple[str, nn.Module]]  # candidate_modules(model) when planned
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | None = None,
-                 allow_base_mismatch: bool = False) -> str:
+                 allow_base_mismatch: bool = False, reuse: Mapping[str, nn.Module] | None = None) -> str:
     """Load an adapter folder (lorakit's or PEFT's) into `model`; returns the adapter's name.
 
     The name is `adapter`, else the one the file was saved under, else "default". An adapter of
     that name already in the model is replaced whole (A, B, scale, dropout, config, modules to
     save, biases), as if it had never been there. Everything is checked and built before the model
     is touched; on any error the model is exactly as it was.
+
+    `reuse`: a deleted adapter's parts (what lk.delete_adapter returned): the new adapter is built in
+    those that fit (same path, shapes, dtype, device and dropout) instead of new modules, as
+    lk.AdapterCache does with the adapter it evicts. They are overwritten, even by a load that fails.
     """
-    load = _plan(model, Path(directory), adapter, allow_base_mismatch)
+    load = _plan(model, Path(directory), adapter, allow_base_mismatch, reuse or {})
     _apply(model, load)
     return load.name
 
 
-def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mismatch: bool) -> _Load:
+def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mismatch: bool,
+          reuse: Mapping[str, nn.Module]) -> _Load:
     raw = peft.read_config(check_adapter_directory(directory))
     tensors, metadata = _read_weights(directory / WEIGHTS_FILE)
     name = adapter if adapter is not None else metadata.get(META_ADAPTER, DEFAULT_ADAPTER)
     check_adapter_name(name)
     modules = candidate_modules(model)  # the one walk of the model: everything below reads this list
     check_not_merged(modules)
+    _check_reusable(modules, reuse)
     paths = peft.resolve_targets(model, modules, raw, directory / CONFIG_FILE)
     saved = peft.resolve_saved(modules, raw, paths, directory / CONFIG_FILE)
     exact = peft.lorakit_config(raw, paths, saved)
-    resolve(model, exact, modules)  # lorakit's own checks: overlaps with other adapters, conv groups
     config = _written_config(model, modules, metadata, exact, paths, saved)
+    if config is exact:  # lorakit's own checks (overlaps with other adapters, conv groups), which a written
+        resolve(model, exact, modules)  # config has just passed if it rebuilds these modules with these ranks
     tensors = peft.without_bias_repeats(tensors, raw, saved)
     by_path = dict(modules)
     biases = peft.bias_params(modules, config.bias, paths, saved)
     _check_tensors(by_path, config, paths, saved, biases, tensors, directory)
     if not allow_base_mismatch:
         _check_fingerprint(by_path, paths, metadata, directory)
-    parts = new_parts(by_path, config, paths, saved)
+    factors = {path: tuple(tensors[k] for k in peft.factor_keys(layer_class_for(base_of(by_path[path])), path))
+               for path in paths}
+    parts = new_parts(by_path, config, paths, saved, factors, reuse)
     with torch.no_grad():
-        for path, part in parts.items():
-            _fill(part, path, layer_class_for(base_of(by_path[path])), tensors)
-    present = [(p, m) for p, m in modules if isinstance(m, FOLLOWER_TYPES)]
-    return _Load(name, config, parts, [(p, tensors[k]) for k, p in biases.items()], present)
+        for path in saved:
+            _fill_copy(parts[path], path, tensors)
+    return _Load(name, config, parts, [(p, tensors[k]) for k, p in biases.items()], modules)
+
+
+def _check_reusable(modules: list[tuple[str, nn.Module]], reuse: Mapping[str, nn.Module]) -> None:
+    """Parts to reuse are off the model: building in them must not touch it."""
+    if not isinstance(reuse, Mapping):
+        raise LoraError(f"reuse={type(reuse).__name__}: give the dict lk.delete_adapter returned (path -> part)")
+    if not reuse:
+        return
+    held = {id(part) for _, m in modules if isinstance(m, FOLLOWER_TYPES) for part in m.parts.values()}
+    attached = [path for path, part in reuse.items() if id(part) in held]
+    if attached:
+        raise LoraError(f"reuse: the parts at {attached[:3]} belong to adapters on the model; pass the parts of a "
+                        "deleted adapter (what lk.delete_adapter returned)")
 
 
 def _written_config(model, modules, metadata: dict, exact: LoraConfig, paths: list[str], saved: list[str]) -> LoraConfig:
@@ -173,34 +198,38 @@ def _written_config(model, modules, metadata: dict, exact: LoraConfig, paths: li
     text = metadata.get(META_CONFIG)
     try:
         written = LoraConfig(**json.loads(text)) if text is not None else None
-        same = written is not None and resolve(model, written, modules) == (paths, saved) and all(
-            (written.rank_for(p), written.alpha_for(p), written.scale_for(p)) ==
-            (exact.rank_for(p), exact.alpha_for(p), exact.scale_for(p)) for p in paths) and \
+        same = written is not None and resolve(model, written, modules) == (paths, saved) and \
+            _same_scales(written, exact, paths) and \
             (written.dropout, written.bias, written.init) == (exact.dropout, exact.bias, exact.init)
     except (LoraError, TypeError, ValueError, AttributeError):  # not a config this version reads: PEFT's wins
         same = False
     return written if same else exact
 
 
-def _fill(part: nn.Module, path: str, layer_type: type[LoraLayer] | None, tensors: dict) -> None:
-    """Copy the file's tensors for `path` into a planned part (a LoraAdapter, or a copy to save)."""
-    if isinstance(part, LoraAdapter):
-        key_a, key_b = peft.factor_keys(layer_type, path)
-        part.A.copy_(tensors[key_a])
-        part.B.copy_(tensors[key_b])
-    else:
-        state = part.state_dict()  # detached views of the copy's tensors
-        for key, name in peft.copy_keys(path, state).items():
-            state[name].copy_(tensors[key])
+def _same_scales(written: LoraConfig, exact: LoraConfig, paths: list[str]) -> bool:
+    """Both configs give every path the same rank, alpha and scale."""
+    if not (written.rank_pattern or written.alpha_pattern or exact.rank_pattern or exact.alpha_pattern):
+        paths = paths[:1]  # no patterns: every path gets each config's own rank and alpha
+    return all((written.rank_for(p), written.alpha_for(p), written.scale_for(p)) ==
+               (exact.rank_for(p), exact.alpha_for(p), exact.scale_for(p)) for p in paths)
+
+
+def _fill_copy(part: nn.Module, path: str, tensors: dict) -> None:
+    """Copy the file's tensors for `path` into a planned copy of a module to save."""
+    state = part.state_dict()  # detached views of the copy's tensors
+    for key, name in peft.copy_keys(path, state).items():
+        state[name].copy_(tensors[key])
 
 
 def _apply(model: nn.Module, load: _Load) -> None:
     """Replace any adapter of this name by the planned one, in one step undone on any error."""
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    base = base_parameters(model, load.modules)
+    grad_flags = [(p, p.requires_grad) for p in attach_settable(model, load.config.bias, base)]
     old_biases = [(p, p.detach().clone()) for p, _ in load.biases]
-    replaced = [(module, module.drop(load.name)) for _, module in load.present if module.holds(load.name)]
+    replaced = [(module, module.drop(load.name)) for _, module in load.modules
+                if isinstance(module, FOLLOWER_TYPES) and module.holds(load.name)]
     try:
-        present = attach_(model, load.name, load.parts, load.config.bias, load.present)
+        present = attach_(model, load.name, load.parts, load.config.bias, load.modules, base)
         with torch.no_grad():
             for param, value in load.biases:
                 param.copy_(value)
@@ -240,13 +269,13 @@ def check_adapter_directory(directory: str | os.PathLike) -> Path:
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The file's tensors and metadata, verified: finite values, and the checksum where lorakit wrote one."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        data = path.read_bytes()  # one read: the tensors and the metadata come from the same bytes
+        tensors = safetensors.torch.load(data)
+        metadata = _header(data).get("__metadata__") or {}
     except Exception as err:  # safetensors raises several types for corrupt or truncated files
         raise LoraError(f"{path}: not a readable safetensors file ({err}); the file is corrupt or "
                         "truncated: save the adapter again") from None
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(tensors)
     if bad:
         raise LoraError(f"{path}: tensors hold NaN or Inf values: {', '.join(sorted(bad)[:5])}; "
                         "the adapter diverged in training: use an earlier checkpoint")
@@ -255,6 +284,13 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoraError(f"{path}: the tensor data does not match the checksum stored with it ({META_CHECKSUM}); "
                         "the file was damaged after it was written: save the adapter again or restore a copy")
     return tensors, metadata
+
+
+def _header(data: bytes) -> dict:
+    """The JSON header of a safetensors file's bytes (the file format: its length as 8 bytes, little-endian, then
+    the JSON), read once safetensors.torch.load has validated them."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length])
 
 
 def _check_tensors(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str], saved: list[str],

@@ -2,16 +2,24 @@
 fingerprint of the base weights it was trained on."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import math
+import weakref
 
 import torch
 from torch import nn
 
+from ..core.identity import modules_of
 from ..core.layers import LoraLayer
-from ..core.precision import dense_weight, precision_of
+from ..core.precision import dense_weight, precision_among
 
 FINGERPRINT_ENTRIES = 4096
+# Weights are probed together in blocks of at most this many entries: torch runs an operation that small on one
+# thread, so it never waits for a second thread on a core that other work holds (milliseconds on a shared CPU).
+SERIAL_ENTRIES = 16384
+SPOT_CHECKS = 8  # entries of a weight read again to confirm its remembered fingerprint (_Remembered)
 # How far a base in this precision may drift from its float32 original, in units of the weights' RMS:
 # the projection moves by about the quantization error (nf4 ~0.1 RMS on Gaussian weights, int8 ~0.01,
 # bfloat16 ~0.003); another model moves it by about 1.4 RMS.
@@ -27,8 +35,30 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(_raw(t))
     return digest.hexdigest()
+
+
+def _raw(t: torch.Tensor):
+    """A contiguous CPU tensor's bytes, not copied."""
+    try:
+        return t.numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16): the same bytes as uint8
+        return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf.
+
+    A float sum is finite only if every term is, so one sum per tensor clears it; the few whose sum is not
+    (an overflow, or a real NaN / Inf) are checked entry by entry.
+    """
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return []
+    sums = torch.stack([t.sum() for t in floats.values()])
+    suspects = [k for k, finite in zip(floats, torch.isfinite(sums).tolist()) if not finite]
+    return [k for k in suspects if not torch.isfinite(floats[k]).all()]
 
 
 def base_fingerprint(modules: dict[str, nn.Module], paths: list[str]) -> dict[str, list[float]]:
@@ -38,20 +68,91 @@ def base_fingerprint(modules: dict[str, nn.Module], paths: list[str]) -> dict[st
 
     Robust to dtype casts (float32 / bfloat16 / float16 copies of one model agree to ~1e-3 of the
     RMS); a different model (another pretraining, another seed) differs by about the RMS itself.
-    `modules` maps a path to the module there (a LoRA layer or the plain layer).
+    `modules` maps a path to the module there (a LoRA layer or the plain layer). A weight's numbers
+    are remembered while the weight stays unchanged (_Remembered), so a server loading adapter after
+    adapter onto one base probes each weight once.
     """
+    weights = {path: (m.original_weight if isinstance(m, LoraLayer) else dense_weight(m))
+               for path, m in ((p, modules[p]) for p in paths)}
+    known = {path: _recall(weight) for path, weight in weights.items()}
+    probed = _probe_weights({path: w.detach() for path, w in weights.items() if known[path] is None})
+    for path, values in probed.items():
+        _remember(weights[path], values)
+    return {path: known[path] or probed[path] for path in paths}
+
+
+def _probe_weights(weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """The fingerprint numbers of each weight; weights of one size on one device are probed together, a few
+    tensor operations per block of SERIAL_ENTRIES entries."""
+    groups: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+    for path, weight in weights.items():
+        groups.setdefault((weight.numel(), weight.device), {})[path] = weight
     result = {}
-    for path in paths:
-        module = modules[path]
-        weight = module.original_weight if isinstance(module, LoraLayer) else dense_weight(module)
-        w = weight.detach().reshape(-1)
-        generator = torch.Generator().manual_seed(0)
-        if w.numel() > FINGERPRINT_ENTRIES:
-            w = w[torch.randint(w.numel(), (FINGERPRINT_ENTRIES,), generator=generator).to(w.device)]
-        w = w.float().cpu()
-        probe = torch.randn(w.numel(), generator=generator)
-        result[path] = [w.mean().item(), w.square().mean().sqrt().item(), (w @ probe).item() / math.sqrt(w.numel())]
+    for (numel, device), group in groups.items():
+        positions, probe, _ = _probe(numel, device)
+        samples = [(w.reshape(-1) if positions is None else w.reshape(-1).index_select(0, positions)).float()
+                   for w in group.values()]
+        step = max(1, SERIAL_ENTRIES // probe.numel())  # rows per block
+        for i in range(0, len(samples), step):
+            rows = torch.stack(samples[i:i + step])  # (modules, entries)
+            projection = rows @ probe / math.sqrt(probe.numel())
+            stats = torch.stack([rows.mean(1), rows.square().mean(1).sqrt(), projection], 1)
+            result.update(zip(list(group)[i:i + step], stats.tolist()))
     return result
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(numel: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(the positions sampled from a weight of `numel` entries, None: all of them; the projection vector; the
+    first SPOT_CHECKS of those positions), drawn from a generator seeded 0: the same for every weight of that
+    size, in every process."""
+    generator = torch.Generator().manual_seed(0)
+    sampled = numel > FINGERPRINT_ENTRIES
+    positions = torch.randint(numel, (FINGERPRINT_ENTRIES,), generator=generator) if sampled else None
+    probe = torch.randn(FINGERPRINT_ENTRIES if sampled else numel, generator=generator)
+    spots = positions[:SPOT_CHECKS] if sampled else torch.arange(min(SPOT_CHECKS, numel))
+    return (positions.to(device) if sampled else None), probe.to(device), spots.to(device)
+
+
+# --- remembering a weight's fingerprint -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Remembered:
+    """A weight's fingerprint numbers, and what shows the weight unchanged since: the same tensor object, storage,
+    layout and version (autograd counts every in-place write to it), and the same values at SPOT_CHECKS of the
+    probed positions (for writes through `.data`, which the version does not count)."""
+
+    weight: weakref.ref
+    state: tuple
+    positions: torch.Tensor  # of the spot checks
+    spots: torch.Tensor  # the values there
+    values: list[float]
+
+
+_REMEMBERED: dict[int, _Remembered] = {}  # id(weight) -> its numbers; an entry goes when its weight does
+
+
+def _state(weight: torch.Tensor) -> tuple:
+    return (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride(), weight.storage_offset(),
+            weight.device)
+
+
+def _spots(weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return weight.detach().reshape(-1).index_select(0, positions)  # detached: no graph holds the weight
+
+
+def _recall(weight: torch.Tensor) -> list[float] | None:
+    """The remembered numbers of `weight`, if it is unchanged since; else None."""
+    entry = _REMEMBERED.get(id(weight))
+    if entry is None or entry.weight() is not weight or entry.state != _state(weight):
+        return None
+    return entry.values if torch.equal(_spots(weight, entry.positions), entry.spots) else None
+
+
+def _remember(weight: torch.Tensor, values: list[float]) -> None:
+    key = id(weight)
+    ref = weakref.ref(weight, lambda _: _REMEMBERED.pop(key, None))  # the entry goes when the weight does
+    positions = _probe(weight.numel(), weight.device)[2]
+    _REMEMBERED[key] = _Remembered(ref, _state(weight), positions, _spots(weight, positions), values)
 
 
 def fingerprint_problems(saved: dict, current: dict, precisions: tuple[str, ...] = ("float32",)) -> list[str]:
@@ -79,5 +180,5 @@ def is_fingerprint(value) -> bool:
 
 def modules_precision(modules: dict[str, nn.Module], paths: list[str]) -> str:
     """The precision of the base under the adapted modules at `paths` (as core.precision.precision_of)."""
-    holder = nn.ModuleList(m.base_layer if isinstance(m, LoraLayer) else m for m in (modules[p] for p in paths))
-    return precision_of(holder)
+    bases = (m.base_layer if isinstance(m, LoraLayer) else m for m in (modules[p] for p in paths))
+    return precision_among(m for base in bases for m in modules_of(base))

@@ -14,7 +14,7 @@ from torch import nn
 from ..core.config import BIAS_MODES, LoraConfig
 from ..core.inject import base_of, is_linear, output_head
 from ..core.layers import LoraConv1D, LoraEmbedding, LoraLayer, layer_class_for
-from ..core.targets import ALL_LINEAR, names_module
+from ..core.targets import ALL_LINEAR, names_module, paths_named
 from ..errors import LoraError, problems_error
 
 CONFIG_FILE = "adapter_config.json"
@@ -238,6 +238,14 @@ def peft_matches(path: str, targets) -> bool:
     return any(names_module(path, t) for t in targets)
 
 
+def peft_matching(paths: list[str], targets) -> list[str]:
+    """The paths peft_matches, in order; a list of names looked up rather than compared with every path."""
+    if isinstance(targets, str):
+        return [p for p in paths if peft_matches(p, targets)]
+    named = set().union(*paths_named(paths, targets).values())
+    return [p for p in paths if p in named]
+
+
 def peft_saves(path: str, names) -> bool:
     """PEFT's rule for modules_to_save: a module path that ends with a name (no '.' boundary)."""
     return any(path.endswith(name) for name in names)
@@ -261,7 +269,7 @@ def resolve_targets(model: nn.Module, modules: Modules, raw: dict, where: Path) 
         head = output_head(model, modules)
         hits = [p for p, m in modules if is_linear(base_of(m)) and base_of(m) is not head]
     else:
-        hits = [p for p, _ in modules if peft_matches(p, targets)]
+        hits = peft_matching([p for p, _ in modules], targets)
     hits = [p for p in hits if not peft_matches(p, exclude)]
     if not hits:
         raise LoraError(f"{where}: target_modules={targets!r} matches no module of this model; "
