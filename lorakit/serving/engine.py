@@ -284,7 +284,7 @@ class Engine:
             if request.adapter is not None:
                 misses, start = self.cache.misses, time.perf_counter()
                 try:
-                    self.cache.ensure(running + [r.adapter for r in ok] + [request.adapter])
+                    self.cache.ensure([request.adapter], keep=running + [r.adapter for r in ok])
                 except LoraError as err:
                     self._fail(request, 400, f"adapter {request.adapter!r} could not be loaded: {err}")
                     continue

@@ -212,7 +212,7 @@ def _load_now(served: Served, name: str, directory: Path) -> None:
         raise ApiError(400, f"adapter {name!r} is already registered; unload it first", param="lora_name")
     try:
         cache.register(name, directory)
-        cache.ensure([name] + sorted(served.engine.in_flight()))
+        cache.ensure([name], keep=served.engine.in_flight())
     except LoraError as err:
         if name in cache.registered():
             cache.unregister(name)
