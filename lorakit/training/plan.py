@@ -13,8 +13,9 @@ for comparison) as
 
 where the forward/backward peak (activations saved for backward, transients, gradients as they
 appear) is found by running that step's forward and backward on the fake model and counting the
-bytes of every tensor the step creates while it is alive: the activations follow from the
+bytes of every tensor the step creates while it is alive (plan_trace): the activations follow from the
 architecture (layers, hidden size, heads, vocabulary, batch, sequence, dtype) as torch lays them out.
+A deep model of alike layers is traced with a few of them and scaled per layer: a 70B plans in seconds.
 Predictions are for CPU kernels (bitsandbytes' included); a GPU's attention kernels usually keep less.
 """
 from __future__ import annotations
@@ -24,15 +25,12 @@ import json
 import math
 import os
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..core.config import LoraConfig, option
 from ..core.identity import adapter_config
@@ -44,8 +42,8 @@ from ..errors import LoraError, problems_error
 from ..io.adapter_files import adapter_metadata, adapter_tensors
 from ..io.integrity import base_fingerprint
 from ..zoo import HEADS, model_directory
-from .loss import summed_causal_lm_loss
 from .plan_quantized import stand_in_quantized_
+from .plan_trace import Trace, step_trace
 
 # A base-weight fingerprint entry of typical length, for when no weights are at hand (fake model).
 TYPICAL_FINGERPRINT = [-1.2345678901234567e-05, 0.012345678901234567, -0.012345678901234567]
@@ -157,20 +155,35 @@ def _dry_run(config, lora_config: LoraConfig | None, base: BasePrecision,
              step: _Step) -> tuple[nn.Module, int, dict]:
     """One training step's forward and backward on a fake model; (the model, its parameter count, the
     bytes the step would take). lora_config None: full fine-tuning."""
-    fake = _FakeMode()
-    model, total = _fake_model(config, base, fake)
-    _prepare(model, lora_config, step.grad_checkpointing, fake)
+    model, total, fake = _prepared(config, lora_config, base, step)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
     trainable = [t for t in tensors.values() if isinstance(t, nn.Parameter) and t.requires_grad]
     gradients = sum(_nbytes(p) for p in trainable)
     states = 2 * gradients + 4 * len(trainable)  # AdamW: exp_avg, exp_avg_sq like the parameter; a step count
-    activations, forward_backward = _forward_backward(model, step, fake)
+    trace = _trace(model, fake, lora_config, base, step)
     step_temporaries = 2 * max((_nbytes(p) for p in trainable), default=0)  # AdamW's sqrt(v) / bias correction
     weights = sum(_nbytes(t) for t in tensors.values())
-    peak = weights + states + max(forward_backward, gradients + step_temporaries)
+    peak = weights + states + max(trace.peak, gradients + step_temporaries)
     return model, total, {"trainable_parameters": sum(p.numel() for p in trainable), "weights_bytes": weights,
                           "gradient_bytes": gradients, "optimizer_state_bytes": states,
-                          "activation_bytes": activations, "peak_bytes": peak}
+                          "activation_bytes": trace.activations, "peak_bytes": peak}
+
+
+def _prepared(config, lora_config: LoraConfig | None, base: BasePrecision, step: _Step):
+    """(the fake model as lorakit train trains it, its parameter count, its fake mode)."""
+    fake = _FakeMode()
+    model, total = _fake_model(config, base, fake)
+    _prepare(model, lora_config, step.grad_checkpointing, fake)
+    return model, total, fake
+
+
+def _trace(model: nn.Module, fake, lora_config: LoraConfig | None, base: BasePrecision, step: _Step) -> Trace:
+    """The step traced on `model`, or on shallower copies of it (plan_trace.step_trace)."""
+    def build(config) -> tuple[nn.Module, FakeTensorMode]:
+        shallow, _, shallow_fake = _prepared(config, lora_config, base, step)
+        return shallow, shallow_fake
+
+    return step_trace(model, fake, build, step.batch, step.seq, step.bf16)
 
 
 def _prepare(model: nn.Module, lora_config: LoraConfig | None, grad_checkpointing: bool, fake) -> None:
@@ -187,20 +200,6 @@ def _prepare(model: nn.Module, lora_config: LoraConfig | None, grad_checkpointin
         model.train()
 
 
-def _forward_backward(model: nn.Module, step: _Step, fake) -> tuple[int, int]:
-    """(bytes alive at the end of the forward pass, peak bytes during forward and backward) of the
-    tensors the step creates (not the weights)."""
-    with fake:
-        ids = torch.zeros((step.batch, step.seq), dtype=torch.long)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    counter = LiveBytes()
-    with fake, counter:
-        loss = summed_causal_lm_loss(model, inputs, step.bf16, verify=False)
-        activations = counter.live
-        loss.backward()
-    return activations, counter.peak
-
-
 class _FakeMode(FakeTensorMode):
     """A FakeTensorMode that deep copies of its tensors (a module to save's copy) share: a fake tensor
     carries its mode, and a copied mode would be a second one, which no op can mix with the first."""
@@ -211,39 +210,6 @@ class _FakeMode(FakeTensorMode):
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors created under it that are still alive, and their peak.
-
-    A tensor counts once per storage, from the op that creates it until its storage is freed;
-    views and in-place results share their input's storage and add nothing.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            key = t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
-            if key is not None and key not in inputs and key not in self._alive:
-                self._add(t.untyped_storage())
-        return out
-
-    def _add(self, storage) -> None:
-        key, size = storage._cdata, storage.nbytes()
-        self._alive.add(key)
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, size)
-
-    def _free(self, key: int, size: int) -> None:
-        self._alive.discard(key)
-        self.live -= size
 
 
 # --- the adapter file --------------------------------------------------------------------------------
