@@ -41,7 +41,8 @@ from ..core.targets import default_targets
 from ..errors import LoraError, problems_error
 from ..io.adapter_files import adapter_metadata, adapter_tensors
 from ..io.integrity import base_fingerprint
-from ..zoo import HEADS, model_directory
+from ..zoo import HEADS
+from .plan_models import PUBLISHED, model_config
 from .plan_quantized import stand_in_quantized_
 from .plan_trace import Trace, step_trace
 
@@ -54,7 +55,9 @@ class PlanConfig:
     """What to plan. Every field is also a `lorakit plan` option (underscores become dashes); `lora`'s and
     `base`'s fields are options of their own (--rank, --targets, --base-dtype, ...), as in `lorakit train`."""
 
-    model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    model: str = option("smollm2-135m", "a published architecture, built from its config alone "
+                                        f"({', '.join(PUBLISHED)}), a config.json file, a bundled model (smollm2-135m, "
+                                        "minilm-l6) or a transformers model directory")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter lorakit train would inject"})
     base: BasePrecision = field(default_factory=BasePrecision, metadata={
         "help": "how the frozen base is stored, as lorakit train stores it: float32, bfloat16, float16, or "
@@ -86,8 +89,9 @@ def plan(model_or_config, lora: LoraConfig = LoraConfig(), batch: int = 8, seq: 
          full: bool = True, **lora_fields) -> dict:
     """Trainable parameters, adapter file bytes and predicted peak training memory, LoRA and full.
 
-    model_or_config: a bundled name or model directory (str or path), a transformers config, or a
-    transformers model (read, never changed; its weights make the adapter size exact to the byte).
+    model_or_config: a published architecture (plan_models.PUBLISHED), a config.json file, a bundled name
+    or model directory (str or path), a transformers config, or a transformers model (read, never
+    changed; its weights make the adapter size exact to the byte).
     lora: the adapter to plan for; `lora_fields` (rank=8, targets=(...), ...) change some of its
     fields, as `lora.replace(...)` does. base: how the frozen base is stored (a BasePrecision or one of
     BASE_DTYPES), as lorakit train stores it; full fine-tuning, for comparison, is planned in float32 (what
@@ -121,9 +125,9 @@ def _config_of(model_or_config):
     if isinstance(model_or_config, transformers.PretrainedConfig):
         return model_or_config, None
     if isinstance(model_or_config, (str, os.PathLike)):
-        return transformers.AutoConfig.from_pretrained(model_directory(model_or_config), local_files_only=True), None
-    raise LoraError(f"model={type(model_or_config).__name__}: give a bundled model name, a transformers model "
-                    "directory, config or model")
+        return model_config(model_or_config), None
+    raise LoraError(f"model={type(model_or_config).__name__}: give a published architecture, a config.json file, a "
+                    "bundled model name, a transformers model directory, config or model")
 
 
 def _fake_model(config, base: BasePrecision, fake: FakeTensorMode) -> tuple[nn.Module, int]:
