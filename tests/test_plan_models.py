@@ -47,8 +47,8 @@ import json, resource, sys, time
 from lorakit.training.plan import plan
 start = time.process_time()
 for name in ("llama-3.1-8b", "llama-3.1-70b"):
-    plan(name, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), batch=1, seq=8192, base="bfloat16",
-         full=False)
+    plan(name, rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), batch=8, seq=8192, base="bfloat16",
+         world_size=8, strategy="fsdp", full=False)
 max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 print(json.dumps({"seconds": time.process_time() - start, "max_rss": max_rss}))
 """
@@ -65,8 +65,9 @@ def test_8b_and_70b_plan_in_seconds_without_their_memory():
 
 def test_a_config_json_file_plans_as_its_published_name(tmp_path, capsys):
     published_config("llama-3.1-8b").save_pretrained(tmp_path)
-    by_file = plan(str(tmp_path / "config.json"), LORA, batch=1, seq=512, base="bfloat16", full=False)
-    by_name = plan("llama-3.1-8b", LORA, batch=1, seq=512, base="bfloat16", full=False)
+    by_file = plan(str(tmp_path / "config.json"), LORA, batch=8, seq=512, base="bfloat16", world_size=8,
+                   strategy="fsdp", full=False)
+    by_name = plan("llama-3.1-8b", LORA, batch=8, seq=512, base="bfloat16", world_size=8, strategy="fsdp", full=False)
     assert {**by_file, "model": "llama-3.1-8b"} == by_name
     assert main(["plan", "--model", "no-such-model"]) == 2
     assert "--model='no-such-model': give a published architecture (llama-3.2-1b" in capsys.readouterr().err
