@@ -54,7 +54,7 @@ import perf_models as pm
 from common import BENCH, PHASE, rotated, torch_threads
 import lorakit as lk
 from lorakit.core.precision import is_quantized
-from lorakit.training.plan import LiveBytes
+from lorakit.training.plan_trace import LiveBytes
 from lorakit.training.train import summed_loss
 from perf_load import Meter, QuietGate
 

@@ -3,7 +3,7 @@ state included) and the peak bytes real training steps create, counted with Live
 import torch
 from torch import nn
 
-from lorakit.training.plan import LiveBytes
+from lorakit.training.plan_trace import LiveBytes
 from lorakit.training.train import summed_loss
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lorakit.core.precision import BasePrecision, convert_
-from lorakit.training.plan import LiveBytes, _FakeMode
+from lorakit.training.plan import _FakeMode
+from lorakit.training.plan_trace import LiveBytes
 from lorakit.training.plan_quantized import QuantizedStandIn, stand_in_quantized_, stored_bytes
 from memory import held_bytes
 

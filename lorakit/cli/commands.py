@@ -283,15 +283,24 @@ def run_plan(args: argparse.Namespace) -> int:
     precision = _base_text(cfg.base) + (", bf16 autocast" if cfg.bf16 else "") + (
         ", grad checkpointing" if cfg.grad_checkpointing else "")
     print(f"{cfg.model}: {result['total_parameters']:,} parameters; batch {cfg.batch} x {cfg.seq} tokens, {precision}")
+    if cfg.strategy != "single":
+        each = cfg.batch // cfg.world_size
+        print(f"{cfg.world_size} processes, {cfg.strategy}: {each} example{'s' if each > 1 else ''} each; "
+              "memory per process")
     print(f"LoRA rank {cfg.lora.rank} on {', '.join(lora['targets'])}: {lora['trainable_parameters']:,} trainable "
           f"({100 * lora['trainable_parameters'] / result['total_parameters']:.2f}%), "
           f"adapter file {_size(lora['adapter_file_bytes'])}")
     print(f"{'peak training memory (predicted)':34} {'LoRA':>10} {'full fp32':>10}")
-    rows = (("weights", "weights_bytes"), ("gradients", "gradient_bytes"), ("AdamW states", "optimizer_state_bytes"),
-            ("activations (end of forward)", "activation_bytes"), ("peak", "peak_bytes"))
-    for label, key in rows:
-        print(f"  {label:32} {_size(lora[key]):>10} {_size(full[key]):>10}")
+    for label, key in PLAN_ROWS:
+        if key in ("weights_bytes", "peak_bytes") or lora[key] or full[key]:
+            print(f"  {label:32} {_size(lora[key]):>10} {_size(full[key]):>10}")
     return 0
+
+
+PLAN_ROWS = (("weights", "weights_bytes"), ("gradients", "gradient_bytes"), ("AdamW states", "optimizer_state_bytes"),
+             ("activations (end of forward)", "activation_bytes"), ("DDP gradient buckets", "gradient_bucket_bytes"),
+             ("FSDP gathered parameters", "gathered_parameter_bytes"), ("FSDP reduce-scatter", "reduce_scatter_bytes"),
+             ("peak", "peak_bytes"))
 
 
 def _base_text(base) -> str:

@@ -14,6 +14,7 @@ from ..core.precision import BasePrecision
 from ..io.export import SERVERS
 from ..training.config import TrainConfig
 from ..training.datasets import TASKS
+from ..training import plan_memory
 from ..training.plan import PlanConfig
 from . import commands
 from ..serving.server import ServeConfig
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     planner = command("plan", "predict trainable parameters, adapter file size and peak training memory, LoRA "
                               "and full fine-tuning (builds the model without its weights)", commands.run_plan)
     add_dataclass_options(planner, PlanConfig)
+    planner.epilog = f"{plan_memory.__doc__.strip()}\n\n{planner.epilog}"  # the formulas, as the module states them
     planner.add_argument("--json", action="store_true", help="print the result as one JSON object")
     server = command("serve", "serve the base and many adapters behind the OpenAI API (completions and chat, "
                               "streaming), with continuous batching across adapters", commands.run_serve)

@@ -6,15 +6,17 @@ The model is built from its config on fake tensors (shapes and dtypes, no storag
 are loaded or allocated, stored as the base precision says: in float32, bfloat16 or float16, or with
 its linear layers quantized to int8 / nf4 (bitsandbytes' layers, represented by the stand-ins of
 plan_quantized: what they store, what their forward and backward allocate) and the rest in the compute
-dtype. Peak memory is predicted for one step of `lorakit train` (LoRA, and float32 full fine-tuning
-for comparison) as
+dtype. Peak memory is predicted per process for one step of `lorakit train` (LoRA, and float32 full
+fine-tuning for comparison), in one process or in world_size processes by DDP or FSDP2, as plan_memory
+states it; for one process
 
     weights + AdamW states + max(forward/backward peak, gradients + optimizer-step temporaries)
 
 where the forward/backward peak (activations saved for backward, transients, gradients as they
 appear) is found by running that step's forward and backward on the fake model and counting the
-bytes of every tensor the step creates while it is alive: the activations follow from the
+bytes of every tensor the step creates while it is alive (plan_trace): the activations follow from the
 architecture (layers, hidden size, heads, vocabulary, batch, sequence, dtype) as torch lays them out.
+A deep model of alike layers is traced with a few of them and scaled per layer: a 70B plans in seconds.
 Predictions are for CPU kernels (bitsandbytes' included); a GPU's attention kernels usually keep less.
 """
 from __future__ import annotations
@@ -24,15 +26,12 @@ import json
 import math
 import os
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..core.config import LoraConfig, option
 from ..core.identity import adapter_config
@@ -43,9 +42,11 @@ from ..core.targets import default_targets
 from ..errors import LoraError, problems_error
 from ..io.adapter_files import adapter_metadata, adapter_tensors
 from ..io.integrity import base_fingerprint
-from ..zoo import HEADS, model_directory
-from .loss import summed_causal_lm_loss
+from ..zoo import HEADS
+from .plan_memory import STRATEGIES, default_strategy, process_memory, strategy_problems
+from .plan_models import PUBLISHED, model_config
 from .plan_quantized import stand_in_quantized_
+from .plan_trace import Trace, step_trace
 
 # A base-weight fingerprint entry of typical length, for when no weights are at hand (fake model).
 TYPICAL_FINGERPRINT = [-1.2345678901234567e-05, 0.012345678901234567, -0.012345678901234567]
@@ -56,15 +57,24 @@ class PlanConfig:
     """What to plan. Every field is also a `lorakit plan` option (underscores become dashes); `lora`'s and
     `base`'s fields are options of their own (--rank, --targets, --base-dtype, ...), as in `lorakit train`."""
 
-    model: str = option("smollm2-135m", "bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    model: str = option("smollm2-135m", "a published architecture, built from its config alone "
+                                        f"({', '.join(PUBLISHED)}), a config.json file, a bundled model (smollm2-135m, "
+                                        "minilm-l6) or a transformers model directory")
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "the adapter lorakit train would inject"})
     base: BasePrecision = field(default_factory=BasePrecision, metadata={
         "help": "how the frozen base is stored, as lorakit train stores it: float32, bfloat16, float16, or "
                 "quantized to int8 / nf4 (the full fine-tuning comparison stays float32)"})
-    batch: int = option(8, "examples per forward pass (lorakit train's batch_size / grad_accum / processes)")
+    batch: int = option(8, "examples per forward pass over all processes (lorakit train's batch_size / grad_accum); "
+                           "each process takes batch / world_size")
     seq: int = option(128, "tokens per example (lorakit train's max_length)")
     bf16: bool = option(False, "bfloat16 autocast for forward and backward")
     grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    world_size: int = option(1, "training processes, one per GPU (torchrun's nnodes x nproc_per_node); memory is "
+                                "predicted per process")
+    strategy: str | None = option(None, "how the processes share the model: single (one process), ddp (each holds "
+                                        "all of it), fsdp (FSDP2: parameters, gradients and AdamW states sharded, "
+                                        "one decoder layer per unit) (default: single; ddp if --world-size > 1)",
+                                  choices=STRATEGIES)
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in ("batch", "seq")
@@ -74,29 +84,37 @@ class PlanConfig:
             problems.append(f"lora={self.lora!r}: must be a LoraConfig, e.g. lora=LoraConfig(rank=8)")
         if not isinstance(self.base, BasePrecision):
             problems.append(f"base={self.base!r}: must be a BasePrecision, e.g. base=BasePrecision(base_dtype='nf4')")
+        problems += strategy_problems(self.world_size, self.strategy, self.batch,
+                                      isinstance(self.base, BasePrecision) and self.base.quantized)
         if problems:
             raise problems_error("invalid plan options", problems)
+        if self.strategy is None:  # resolved once, here: what runs is what the config says
+            object.__setattr__(self, "strategy", default_strategy(self.world_size))
 
     def run(self) -> dict:
         result = plan(self.model, self.lora, self.batch, self.seq, base=self.base, bf16=self.bf16,
-                      grad_checkpointing=self.grad_checkpointing)
+                      grad_checkpointing=self.grad_checkpointing, world_size=self.world_size, strategy=self.strategy)
         return {**result, "model": self.model}  # the name given, not the folder it resolved to
 
 
 def plan(model_or_config, lora: LoraConfig = LoraConfig(), batch: int = 8, seq: int = 128, *,
          base: BasePrecision | str = BasePrecision(), bf16: bool = False, grad_checkpointing: bool = False,
-         full: bool = True, **lora_fields) -> dict:
-    """Trainable parameters, adapter file bytes and predicted peak training memory, LoRA and full.
+         world_size: int = 1, strategy: str | None = None, full: bool = True, **lora_fields) -> dict:
+    """Trainable parameters, adapter file bytes and predicted peak training memory per process, LoRA and full.
 
-    model_or_config: a bundled name or model directory (str or path), a transformers config, or a
-    transformers model (read, never changed; its weights make the adapter size exact to the byte).
+    model_or_config: a published architecture (plan_models.PUBLISHED), a config.json file, a bundled name
+    or model directory (str or path), a transformers config, or a transformers model (read, never
+    changed; its weights make the adapter size exact to the byte). batch: examples per forward pass over
+    all world_size processes, each taking batch / world_size; strategy: single, ddp or fsdp (None: ddp
+    if world_size > 1), whose per-process terms plan_memory states.
     lora: the adapter to plan for; `lora_fields` (rank=8, targets=(...), ...) change some of its
     fields, as `lora.replace(...)` does. base: how the frozen base is stored (a BasePrecision or one of
     BASE_DTYPES), as lorakit train stores it; full fine-tuning, for comparison, is planned in float32 (what
     `lorakit train --full` trains), and not at all with full=False ("full" is then None).
-    Returns {"model", "batch", "seq", "base", "total_parameters", "lora": {...}, "full": {...}}; each
-    mode has trainable_parameters and the bytes of weights, gradients, optimizer_states, activations
-    (saved for backward at the end of the forward pass) and peak; "lora" also adapter_file_bytes and
+    Returns {"model", "batch", "seq", "world_size", "strategy", "base", "total_parameters", "lora": {...},
+    "full": {...}}; each mode has trainable_parameters and the bytes per process of weights, gradients,
+    optimizer_states, activations (saved for backward at the end of the forward pass), gradient_bucket
+    (ddp), gathered_parameter and reduce_scatter (fsdp), and peak; "lora" also adapter_file_bytes and
     targets (as given, or the architecture's default).
     """
     if not isinstance(lora, LoraConfig):
@@ -104,14 +122,19 @@ def plan(model_or_config, lora: LoraConfig = LoraConfig(), batch: int = 8, seq: 
     base = BasePrecision(base_dtype=base) if isinstance(base, str) else base
     if not isinstance(base, BasePrecision):
         raise LoraError(f"base={base!r}: must be a BasePrecision or one of {', '.join(BASE_DTYPES)}")
+    problems = strategy_problems(world_size, strategy, batch, base.quantized)
+    if problems:
+        raise problems_error("invalid plan options", problems)
+    strategy = strategy or default_strategy(world_size)
     config, weights = _config_of(model_or_config)
     lora_config = lora.replace(**lora_fields) if lora_fields else lora
-    step = _Step(batch, seq, bf16, grad_checkpointing)
+    step = _Step(batch // world_size, seq, bf16, grad_checkpointing, world_size, strategy)
     lora_model, total, lora_result = _dry_run(config, lora_config, base, step)
     lora_result["adapter_file_bytes"] = _adapter_file_bytes(lora_model, weights, base.base_dtype)
     lora_result["targets"] = list(lora_config.targets or default_targets(lora_model))
     return {"model": getattr(config, "_name_or_path", "") or config.model_type, "batch": batch, "seq": seq,
-            "base": dataclasses.asdict(base), "total_parameters": total, "lora": lora_result,
+            "world_size": world_size, "strategy": strategy, "base": dataclasses.asdict(base),
+            "total_parameters": total, "lora": lora_result,
             "full": _dry_run(config, None, BasePrecision(), step)[2] if full else None}
 
 
@@ -123,9 +146,9 @@ def _config_of(model_or_config):
     if isinstance(model_or_config, transformers.PretrainedConfig):
         return model_or_config, None
     if isinstance(model_or_config, (str, os.PathLike)):
-        return transformers.AutoConfig.from_pretrained(model_directory(model_or_config), local_files_only=True), None
-    raise LoraError(f"model={type(model_or_config).__name__}: give a bundled model name, a transformers model "
-                    "directory, config or model")
+        return model_config(model_or_config), None
+    raise LoraError(f"model={type(model_or_config).__name__}: give a published architecture, a config.json file, a "
+                    "bundled model name, a transformers model directory, config or model")
 
 
 def _fake_model(config, base: BasePrecision, fake: FakeTensorMode) -> tuple[nn.Module, int]:
@@ -145,32 +168,41 @@ def _fake_model(config, base: BasePrecision, fake: FakeTensorMode) -> tuple[nn.M
 
 @dataclass(frozen=True)
 class _Step:
-    """One training step's shape: examples, tokens each, autocast, activation recomputation."""
+    """One training step's shape on one process: its examples, tokens each, autocast, activation
+    recomputation; and how many processes take such a step, by which strategy."""
 
     batch: int
     seq: int
     bf16: bool
     grad_checkpointing: bool
+    world_size: int = 1
+    strategy: str = "single"
 
 
 def _dry_run(config, lora_config: LoraConfig | None, base: BasePrecision,
              step: _Step) -> tuple[nn.Module, int, dict]:
     """One training step's forward and backward on a fake model; (the model, its parameter count, the
-    bytes the step would take). lora_config None: full fine-tuning."""
+    bytes per process the step would take). lora_config None: full fine-tuning."""
+    model, total, fake = _prepared(config, lora_config, base, step)
+    return model, total, process_memory(model, _trace(model, fake, lora_config, base, step), step.strategy,
+                                        step.world_size)
+
+
+def _prepared(config, lora_config: LoraConfig | None, base: BasePrecision, step: _Step):
+    """(the fake model as lorakit train trains it, its parameter count, its fake mode)."""
     fake = _FakeMode()
     model, total = _fake_model(config, base, fake)
     _prepare(model, lora_config, step.grad_checkpointing, fake)
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
-    trainable = [t for t in tensors.values() if isinstance(t, nn.Parameter) and t.requires_grad]
-    gradients = sum(_nbytes(p) for p in trainable)
-    states = 2 * gradients + 4 * len(trainable)  # AdamW: exp_avg, exp_avg_sq like the parameter; a step count
-    activations, forward_backward = _forward_backward(model, step, fake)
-    step_temporaries = 2 * max((_nbytes(p) for p in trainable), default=0)  # AdamW's sqrt(v) / bias correction
-    weights = sum(_nbytes(t) for t in tensors.values())
-    peak = weights + states + max(forward_backward, gradients + step_temporaries)
-    return model, total, {"trainable_parameters": sum(p.numel() for p in trainable), "weights_bytes": weights,
-                          "gradient_bytes": gradients, "optimizer_state_bytes": states,
-                          "activation_bytes": activations, "peak_bytes": peak}
+    return model, total, fake
+
+
+def _trace(model: nn.Module, fake, lora_config: LoraConfig | None, base: BasePrecision, step: _Step) -> Trace:
+    """The step traced on `model`, or on shallower copies of it (plan_trace.step_trace)."""
+    def build(config) -> tuple[nn.Module, FakeTensorMode]:
+        shallow, _, shallow_fake = _prepared(config, lora_config, base, step)
+        return shallow, shallow_fake
+
+    return step_trace(model, fake, build, step.batch, step.seq, step.bf16)
 
 
 def _prepare(model: nn.Module, lora_config: LoraConfig | None, grad_checkpointing: bool, fake) -> None:
@@ -187,63 +219,12 @@ def _prepare(model: nn.Module, lora_config: LoraConfig | None, grad_checkpointin
         model.train()
 
 
-def _forward_backward(model: nn.Module, step: _Step, fake) -> tuple[int, int]:
-    """(bytes alive at the end of the forward pass, peak bytes during forward and backward) of the
-    tensors the step creates (not the weights)."""
-    with fake:
-        ids = torch.zeros((step.batch, step.seq), dtype=torch.long)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    counter = LiveBytes()
-    with fake, counter:
-        loss = summed_causal_lm_loss(model, inputs, step.bf16, verify=False)
-        activations = counter.live
-        loss.backward()
-    return activations, counter.peak
-
-
 class _FakeMode(FakeTensorMode):
     """A FakeTensorMode that deep copies of its tensors (a module to save's copy) share: a fake tensor
     carries its mode, and a copied mode would be a second one, which no op can mix with the first."""
 
     def __deepcopy__(self, memo: dict) -> "_FakeMode":
         return self
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors created under it that are still alive, and their peak.
-
-    A tensor counts once per storage, from the op that creates it until its storage is freed;
-    views and in-place results share their input's storage and add nothing.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            key = t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
-            if key is not None and key not in inputs and key not in self._alive:
-                self._add(t.untyped_storage())
-        return out
-
-    def _add(self, storage) -> None:
-        key, size = storage._cdata, storage.nbytes()
-        self._alive.add(key)
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, size)
-
-    def _free(self, key: int, size: int) -> None:
-        self._alive.discard(key)
-        self.live -= size
 
 
 # --- the adapter file --------------------------------------------------------------------------------
