@@ -386,6 +386,12 @@ def test_resume_without_checkpoint_is_a_clear_error(lm_dir, text_file, tmp_path)
         train(config(lm_dir, text_file, tmp_path / "x", resume=str(tmp_path / "nothing")))
 
 
+def test_a_checkpoint_of_the_earlier_format_is_a_clear_error(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"step": 3, "optimizer_param_groups": []}))
+    with pytest.raises(lk.LoraError, match="a checkpoint of an older lorakit \\(format 1; this one reads 2\\)"):
+        load_checkpoint(tmp_path)
+
+
 @pytest.mark.slow
 def test_short_real_run_lowers_held_out_loss(tmp_path):
     """SmolLM2-135M, rank 8 on q_proj/v_proj, a few steps on King James verses."""

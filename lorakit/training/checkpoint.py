@@ -15,7 +15,9 @@ checkpoint resumes on another number of processes or another strategy. Under sev
 run folder must be one filesystem they all see (a shared one across nodes).
 
 Only JSON and safetensors are written and read: no pickle. (DCP's default layout keeps its metadata in
-a pickle file, `.metadata`; its safetensors layout, HuggingFaceStorageWriter/Reader, is used instead.)
+a pickle file, `.metadata`; its safetensors layout, HuggingFaceStorageWriter/Reader, is used instead.
+While saving and loading, DCP's processes agree on a plan through torch.distributed's object
+collectives, which pickle in memory between the run's own processes; nothing pickled touches disk.)
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from .distributed import World, barrier, shared_token
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINABLE = "trainable"
-FORMAT = 2  # 2: DCP folder `trainable/`; 1: weights.safetensors + optimizer.safetensors (lorakit < 0.2)
+FORMAT = 2  # 2: the DCP folder `trainable/`; 1 (no "format" in state.json): weights/optimizer.safetensors
 
 
 @dataclass
@@ -189,12 +191,12 @@ def load_checkpoint(path: str | os.PathLike) -> TrainingState:
     folder = find_checkpoint(path)
     try:
         meta = json.loads((folder / "state.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise LoraError(f"{folder}: a checkpoint of an older lorakit (format {meta.get('format', 1)}; this "
-                            f"one reads {FORMAT}); resume it with that version, or start the run again")
-        flat = load_file(folder / "rng.safetensors")
-    except (OSError, ValueError, KeyError) as err:
+        flat = load_file(folder / "rng.safetensors") if meta.get("format") == FORMAT else {}
+    except (OSError, ValueError) as err:
         raise LoraError(f"{folder}: unreadable checkpoint ({err}); resume from an earlier one") from None
+    if meta.get("format") != FORMAT:
+        raise LoraError(f"{folder}: a checkpoint of an older lorakit (format {meta.get('format', 1)}; this "
+                        f"one reads {FORMAT}); resume it with that version, or start the run again")
     rng: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         rank, kind = key.removeprefix("rank").split(".", 1)
