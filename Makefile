@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test quick bench bench-precision analysis clean
+.PHONY: install demo test quick bench bench-precision bench-distributed analysis clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: install
 # writes the "Base precision" section of bench/RESULTS.md and bench/results/precision.*; BENCH_ARGS=--quick as above.
 bench-precision: install
 	$(PY) bench/precision.py $(BENCH_ARGS)
+
+# lorakit train on SmolLM2 under torchrun, 1 and 2 processes, DDP vs FSDP2 (a few minutes on the CPU): step time,
+# RSS per process, bytes per collective per step; writes bench/results/distributed.{jsonl,png,md}; BENCH_ARGS=--quick.
+bench-distributed: install
+	$(PY) bench/distributed.py $(BENCH_ARGS)
 
 # The runs behind docs/analysis.md (about 30 min): MiniLM and SmolLM2 adapters (rank 8 twice, rank 64), full
 # fine-tuning, then `lorakit analyze`; reports in docs/analysis/<experiment>/.

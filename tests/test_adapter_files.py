@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
+from lorakit.io.adapter_files import base_record, read_adapter
 from lorakit.io.peft import CONFIG_FILE, WEIGHTS_FILE
 from walks import counting_walks
 
@@ -238,6 +239,23 @@ def test_fingerprint_uses_unmerged_weights(saved, tmp_path):
     lk.merge_(model)
     lk.save_adapter(model, tmp_path / "merged")
     lk.load_adapter(fresh(), tmp_path / "merged")  # the base it was trained on: accepted
+
+
+def test_a_base_record_taken_earlier_writes_the_same_files(saved, tmp_path):
+    """What FSDP needs: the base recorded while whole; the weights may be elsewhere (sharded) when it saves."""
+    model, directory = saved
+    record = base_record(model)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            layer.base_layer.weight.zero_()  # not the base any more: only the record can say what it was
+    lk.save_adapter(model, tmp_path / "recorded", base=record)
+    (config, tensors, metadata), (config_0, tensors_0, metadata_0) = map(read_adapter, (tmp_path / "recorded", directory))
+    assert config == config_0 and metadata == metadata_0  # fingerprint included
+    assert tensors.keys() == tensors_0.keys() and all(torch.equal(tensors[k], tensors_0[k]) for k in tensors)
+    lk.load_adapter(fresh(), tmp_path / "recorded")  # the fingerprint is the original base's
+    other = trained(config=lk.LoraConfig(targets=("proj",)), adapter="other")
+    with pytest.raises(lk.LoraError, match="base: the record covers other layers than adapter 'other'"):
+        lk.save_adapter(other, tmp_path / "x", base=record)
 
 
 def test_failure_during_copy_rolls_back(saved, monkeypatch):

@@ -50,12 +50,33 @@ RESERVED_KEYS = (META_VERSION, META_ADAPTER, META_CONFIG, META_FINGERPRINT, META
 
 
 # --- saving ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BaseRecord:
+    """What an adapter file records of the frozen base under it: a fingerprint of the weights of the
+    adapter's layers (integrity.base_fingerprint) and the base's precision. Take it with base_record
+    while the weights are whole, e.g. before FSDP shards them; save_adapter takes it then."""
+
+    fingerprint: dict[str, list[float]]
+    precision: str
+
+
+def base_record(model: nn.Module, adapter: str | None = None) -> BaseRecord:
+    """The BaseRecord of the base under adapter `adapter` (default: the active one)."""
+    adapter = active_adapter(model) if adapter is None else adapter
+    adapter_config(model, adapter)  # raises for an unknown adapter
+    modules = candidate_modules(model)
+    layers = [p for p, m in modules if isinstance(m, LoraLayer) and m.holds(adapter)]
+    return BaseRecord(base_fingerprint(dict(modules), layers), precision_of(model))
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | None = None,
-                 metadata: dict[str, str] | None = None) -> Path:
+                 metadata: dict[str, str] | None = None, base: BaseRecord | None = None) -> Path:
     """Write adapter `adapter` (default: the active one) to `directory` in PEFT's layout.
 
     `metadata` adds string entries to the safetensors header: keys start with 'lorakit_' and are
-    not lorakit's own (RESERVED_KEYS). load_adapter reads back the name and the config.
+    not lorakit's own (RESERVED_KEYS). load_adapter reads back the name and the config. `base`: the
+    base's record taken earlier (base_record), where its weights are not whole now (sharded); default:
+    taken now.
     """
     extra = _checked_metadata(metadata)
     adapter = active_adapter(model) if adapter is None else adapter
@@ -63,8 +84,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | 
     modules = candidate_modules(model)
     tensors, task, written = adapter_tensors(model, modules, adapter)
     layers = {p: m for p, m in modules if isinstance(m, LoraLayer) and m.holds(adapter)}
-    fingerprint = base_fingerprint(dict(modules), list(layers))
-    header = {**adapter_metadata(adapter, config, fingerprint, tensor_checksum(tensors), precision_of(model)), **extra}
+    base = base_record(model, adapter) if base is None else base
+    if set(base.fingerprint) != set(layers):
+        raise LoraError(f"base: the record covers other layers than adapter {adapter!r} adapts ({len(base.fingerprint)} "
+                        f"recorded, {len(layers)} here); take it with base_record(model, {adapter!r}) once the "
+                        "adapter is added")
+    header = {**adapter_metadata(adapter, config, base.fingerprint, tensor_checksum(tensors), base.precision),
+              **extra}
     peft_config = peft.peft_config(model, modules, config, list(layers), layers, task, list(written))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

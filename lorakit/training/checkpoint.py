@@ -1,86 +1,179 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
 
-A checkpoint is a folder `checkpoints/step-N/` built under a temporary name and renamed into
-place; `checkpoints/latest` names the newest complete one and is replaced atomically after it,
-so a run killed at any moment (even by SIGKILL mid-write) leaves the previous checkpoint intact.
-Only JSON and safetensors are written and read: no pickle.
+    checkpoints/step-N/
+        state.json         step, scheduler, data position, bookkeeping, the optimizer's param groups
+        rng.safetensors    every process's generators: rank{i}.cpu, and rank{i}.cuda on GPUs
+        trainable/         trainable weights and optimizer state, written by torch.distributed.checkpoint
+                           (DCP): each process writes the shards it holds (FSDP), or rank 0 all (one
+                           process, DDP); a file's JSON header says where in the whole tensor its shards lie
+        adapter/           the adapter, in PEFT's layout (written by the caller, rank 0)
+
+The folder is built under a temporary name and renamed into place; `checkpoints/latest` names the
+newest complete one and is replaced atomically after it, so a run killed at any moment (even by
+SIGKILL mid-write, on any rank) leaves the previous checkpoint intact. DCP reshards on load: a
+checkpoint resumes on another number of processes or another strategy. Under several processes the
+run folder must be one filesystem they all see (a shared one across nodes).
+
+Only JSON and safetensors are written and read: no pickle. (DCP's default layout keeps its metadata in
+a pickle file, `.metadata`; its safetensors layout, HuggingFaceStorageWriter/Reader, is used instead.
+While saving and loading, DCP's processes agree on a plan through torch.distributed's object
+collectives, which pickle in memory between the run's own processes; nothing pickled touches disk.)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import secrets
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from ..errors import LoraError
 from ..io.files import write_text_atomically
+from .distributed import World, barrier, shared_token
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+TRAINABLE = "trainable"
+FORMAT = 2  # 2: the DCP folder `trainable/`; 1 (no "format" in state.json): weights/optimizer.safetensors
 
 
 @dataclass
 class TrainingState:
-    """Everything needed to continue a run exactly where it stopped."""
+    """Everything besides the trainable tensors needed to continue a run exactly where it stopped."""
 
     step: int
-    weights: dict[str, torch.Tensor]  # trainable parameters by name
-    optimizer: dict  # torch optimizer state_dict
     scheduler: dict
-    rng: list[torch.Tensor]  # torch CPU RNG state of each process, by rank
     data: dict  # BatchStream.state_dict()
     extra: dict  # JSON-serialisable trainer bookkeeping (best metric, bad-step count, ...)
+    optimizer_groups: list[dict]  # the optimizer's hyperparameters, by param group (optimizer_groups)
+    rng: list[dict[str, torch.Tensor]]  # each process's generators (distributed.rng_state), by rank
 
 
-def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+# --- the trainable tensors ----------------------------------------------------------------------
+def trainable_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"weights": {name: tensor}, "optimizer": {name: {slot: tensor}}}: the live trainable parameters (sharded
+    DTensors under FSDP) and the optimizer's state of each, by parameter name (the unwrapped model's)."""
+    named = _trainable(model)
+    return {"weights": {name: p.detach() for name, p in named},
+            "optimizer": {name: dict(optimizer.state[p]) for name, p in named if p in optimizer.state}}
+
+
+def restore_trainable_(world: World, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       groups: list[dict]) -> None:
+    """Load a checkpoint's trainable weights and optimizer state into `model` and `optimizer`, each process
+    its own shards, whatever number of processes wrote them; `groups`: the optimizer's hyperparameters
+    (TrainingState.optimizer_groups). Every process calls it."""
+    folder = find_checkpoint(path)
+    named = dict(_trainable(model))
+    stored = HuggingFaceStorageReader(str(folder / TRAINABLE)).read_metadata().state_dict_metadata
+    saved_names = {key.removeprefix("weights.") for key in stored if key.startswith("weights.")}
+    if saved_names != named.keys():
+        different = sorted(saved_names ^ named.keys())[:3]
+        raise LoraError(f"resume={str(path)!r}: the checkpoint's trainable weights do not match this run's (e.g. "
+                        f"{different}); resume with the same model, task and LoRA options")
+    state = {name: {slot: _like(p, stored[f"optimizer.{name}.{slot}"]) for slot in _slots(stored, name)}
+             for name, p in named.items()}
+    tensors = {"weights": {name: p.detach() for name, p in named.items()},
+               "optimizer": {name: slots for name, slots in state.items() if slots}}
+    load_tensors_(world, folder, tensors)
+    for name, slots in tensors["optimizer"].items():
+        optimizer.state[named[name]] = slots
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update(saved)
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's hyperparameters (lr, betas, ...) of each param group, JSON-ready."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters by name (a tied parameter once, under its first name)."""
-    seen, found = set(), {}
+    seen, found = set(), []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            found[name] = p.detach().cpu().contiguous()
+            found.append((name, p))
     return found
 
 
-def save_checkpoint(run_dir: Path, state: TrainingState, keep: int = 2, write_extra=None) -> Path:
-    """Write `state` as checkpoints/step-N, point `latest` at it, and keep the newest `keep`.
+def _slots(stored: dict, name: str) -> list[str]:
+    """The optimizer state slots (exp_avg, step, ...) stored for parameter `name`."""
+    prefix = f"optimizer.{name}."
+    return [key[len(prefix):] for key in stored if key.startswith(prefix) and "." not in key[len(prefix):]]
 
-    `write_extra(folder)` may add files (e.g. the adapter in PEFT's layout) before the rename.
+
+def _like(param: torch.Tensor, meta) -> torch.Tensor:
+    """An empty slot to load into: shaped (and sharded) like `param` where the stored slot is, else a plain
+    CPU tensor (a scalar such as AdamW's step)."""
+    if tuple(meta.size) == tuple(param.shape):
+        return torch.zeros_like(param, dtype=meta.properties.dtype)
+    return torch.zeros(meta.size, dtype=meta.properties.dtype)
+
+
+# --- writing ------------------------------------------------------------------------------------
+def save_checkpoint(world: World, run_dir: Path, state: TrainingState, tensors: dict, keep: int = 2,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoints/step-N, point `latest` at it, and keep the newest `keep`. Every process calls it.
+
+    `tensors` (trainable_tensors) go through DCP, each process writing what it holds; rank 0 writes the
+    rest. `write_extra(folder)` runs on every process before the rename (e.g. rank 0 writes the adapter
+    in PEFT's layout there, the others help gather it).
     """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step}"
-    tmp = root / f".{name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
+    tmp, final = root / f".{name}.{shared_token(world)}.tmp", root / name
     try:
-        save_file(state.weights, tmp / "weights.safetensors")
-        tensors, groups = _flatten_optimizer(state.optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        save_file({f"rank{i}": r for i, r in enumerate(state.rng)}, tmp / "rng.safetensors")
-        meta = {"step": state.step, "optimizer_param_groups": groups, "scheduler": state.scheduler,
-                "data": state.data, "extra": state.extra}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+        if world.is_main:
+            (tmp / TRAINABLE).mkdir(parents=True)
+        barrier(world)
+        _save_tensors(world, tensors, tmp / TRAINABLE)
         if write_extra is not None:
             write_extra(tmp)
-        _fsync_tree(tmp)
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if world.is_main:
+            _write_state(tmp, state)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomically(root / LATEST, name + "\n")
-    _prune(root, keep)
+    if world.is_main:
+        write_text_atomically(root / LATEST, name + "\n")
+        _prune(root, keep)
+    barrier(world)  # nobody goes on (or resumes, or exits) before the checkpoint is complete
     return final
 
 
+def _save_tensors(world: World, tensors: dict, folder: Path) -> None:
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)  # one file per writing process
+    planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)  # a tensor every process holds: rank 0 writes it
+    with _quiet_single_process():
+        dcp.save(tensors, storage_writer=writer, planner=planner, no_dist=not world.distributed)
+
+
+def _write_state(folder: Path, state: TrainingState) -> None:
+    rng = {f"rank{rank}.{kind}": tensor.contiguous() for rank, states in enumerate(state.rng)
+           for kind, tensor in states.items()}
+    save_file(rng, folder / "rng.safetensors")
+    meta = {"format": FORMAT, "step": state.step, "scheduler": state.scheduler, "data": state.data,
+            "extra": state.extra, "optimizer_groups": state.optimizer_groups}
+    (folder / "state.json").write_text(json.dumps(meta, indent=2))
+
+
+# --- reading ------------------------------------------------------------------------------------
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a run folder, its checkpoints folder, or the checkpoint itself."""
     path = Path(path)
@@ -94,33 +187,56 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> TrainingState:
+    """The state (not the trainable tensors: load_tensors_) of the checkpoint find_checkpoint(path) finds."""
     folder = find_checkpoint(path)
     try:
         meta = json.loads((folder / "state.json").read_text())
-        weights = load_file(folder / "weights.safetensors")
-        optimizer = _unflatten_optimizer(load_file(folder / "optimizer.safetensors"), meta["optimizer_param_groups"])
-        rng_file = load_file(folder / "rng.safetensors")
-    except (OSError, ValueError, KeyError) as err:
+        flat = load_file(folder / "rng.safetensors") if meta.get("format") == FORMAT else {}
+    except (OSError, ValueError) as err:
         raise LoraError(f"{folder}: unreadable checkpoint ({err}); resume from an earlier one") from None
-    rng = [rng_file[f"rank{i}"] for i in range(len(rng_file))]
-    return TrainingState(meta["step"], weights, optimizer, meta["scheduler"], rng, meta["data"], meta["extra"])
+    if meta.get("format") != FORMAT:
+        raise LoraError(f"{folder}: a checkpoint of an older lorakit (format {meta.get('format', 1)}; this "
+                        f"one reads {FORMAT}); resume it with that version, or start the run again")
+    rng: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        rank, kind = key.removeprefix("rank").split(".", 1)
+        rng.setdefault(int(rank), {})[kind] = tensor
+    return TrainingState(meta["step"], meta["scheduler"], meta["data"], meta["extra"], meta["optimizer_groups"],
+                         [rng[rank] for rank in sorted(rng)])
 
 
-def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:
-    tensors = {}
-    for index, slots in state_dict["state"].items():
-        for key, value in slots.items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{index}.{key}"] = tensor.detach().cpu().contiguous()
-    return tensors, state_dict["param_groups"]
+def load_tensors_(world: World, folder: Path, tensors: dict) -> None:
+    """Fill `tensors` (trainable_tensors' layout, sharded or not) in place from the checkpoint `folder`,
+    written by any number of processes. Every process calls it."""
+    reader = HuggingFaceStorageReader(str(folder / TRAINABLE))
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=reader, no_dist=not world.distributed)
+    except (OSError, RuntimeError, ValueError) as err:  # DCP wraps a missing key or bad file in a CheckpointException
+        raise LoraError(f"{folder}: the checkpoint's trainable tensors do not fit this run ({_first_line(err)}); "
+                        "resume with the same model, task and LoRA options") from None
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict:
-    state: dict[int, dict] = {}
-    for key, tensor in tensors.items():
-        index, slot = key.split(".", 1)
-        state.setdefault(int(index), {})[slot] = tensor
-    return {"state": state, "param_groups": groups}
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable tensors, whole, by their stored names ("weights.NAME", "optimizer.NAME.SLOT"),
+    read in this one process whoever wrote them (for inspection and tests)."""
+    folder = find_checkpoint(path)
+    stored = HuggingFaceStorageReader(str(folder / TRAINABLE)).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()}
+    load_tensors_(World(), folder, tensors)
+    return tensors
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process: here, as meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -8,6 +8,7 @@ from ..core.config import LoraConfig, option
 from ..core.precision import BasePrecision
 from ..errors import problems_error
 from .datasets import TASKS
+from .parallel import INT8_UNSHARDABLE, STRATEGIES
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -50,6 +51,11 @@ class TrainConfig:
     bf16: bool = option(False, "bfloat16 autocast for forward and backward")
     max_bad_steps: int = option(5, "stop after this many consecutive steps with NaN/Inf loss or gradients")
     resume: str | None = option(None, "continue from the latest checkpoint of this run folder")
+    strategy: str | None = option(
+        None, "how the processes torchrun starts share the work: ddp (each holds the whole model; the adapters' "
+        "gradients are all-reduced) or fsdp (the frozen base and the adapters sharded across them, per "
+        "transformer block, for a base too large for one device); default: ddp under torchrun, none alone",
+        choices=STRATEGIES)
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -74,6 +80,11 @@ class TrainConfig:
         p += [f"{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
         if self.task not in TASKS:
             p.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            p.append(f"strategy={self.strategy!r}: must be one of {', '.join(STRATEGIES)} (or None: ddp under "
+                     "torchrun, none alone)")
+        if self.strategy == "fsdp" and isinstance(self.base, BasePrecision) and self.base.base_dtype == "int8":
+            p.append(f"base_dtype='int8' with strategy='fsdp': {INT8_UNSHARDABLE}")
         if self.schedule not in SCHEDULES:
             p.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
         if not 0 <= self.eval_fraction < 1:

@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .batches import IGNORE_INDEX
 
@@ -31,15 +32,16 @@ def summed_causal_lm_loss(model: nn.Module, batch: dict, bf16: bool = False, ver
 
     verify=False trusts that they are without looking at values (a dry run on fake tensors).
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or type(model) in _POST_PROCESSED or not _chunkable(head):
+    inner = model.module if isinstance(model, DistributedDataParallel) else model  # DDP runs the model it holds
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or type(inner) in _POST_PROCESSED or not _chunkable(head):
         return _plain_loss(_logits(model, batch, bf16), batch["labels"])
     with _intercepted(head) as seen:
         logits = _logits(model, batch, bf16)  # (B, 1, vocab): the sentinel, if the head was intercepted
     if "hidden" not in seen:
         return _plain_loss(logits, batch["labels"])  # the head was not called as expected: full logits
     if not _passed_through(logits, seen, batch["input_ids"].shape, verify):
-        _POST_PROCESSED.add(type(model))  # e.g. soft-capped or scaled logits: the plain loss from now on
+        _POST_PROCESSED.add(type(inner))  # e.g. soft-capped or scaled logits: the plain loss from now on
         return _plain_loss(_logits(model, batch, bf16), batch["labels"])
     return _chunked_loss(head, seen["hidden"], batch["labels"], logits.shape[-1], bf16)
 

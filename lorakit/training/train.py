@@ -1,8 +1,8 @@
 """Fine-tuning runs: LoRA (or full fine-tuning, for comparison) on a causal LM or a classifier.
 
 One loop for both modes, so they compare on equal terms. Reads top to bottom:
-set-up -> model -> data -> optimiser -> [resume] -> steps (accumulate, reduce, clip, step,
-log, evaluate, checkpoint) -> final save, summary, loss curve.
+set-up -> model -> data -> strategy (parallel.py) -> optimiser -> [resume] -> steps (accumulate,
+reduce, clip, step, log, evaluate, checkpoint) -> final save, summary, loss curve.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -23,15 +22,17 @@ from ..analysis.figures import plot_loss_curve
 from ..core.inject import inject_
 from ..core.params import parameter_counts
 from ..errors import LoraError
-from ..io.adapter_files import save_adapter
+from ..io.adapter_files import base_record, save_adapter
 from ..io.files import write_text_atomically
 from ..zoo import classifier_head, load_task_model, load_tokenizer
 from .batches import BatchStream, collate, padding_id, target_count
-from .checkpoint import TrainingState, load_checkpoint, save_checkpoint, trainable_weights
+from .checkpoint import (TrainingState, load_checkpoint, optimizer_groups, restore_trainable_, save_checkpoint,
+                         trainable_tensors)
 from .config import TrainConfig
 from .datasets import load_dataset, split_dataset
-from .distributed import World, all_reduce_sum, barrier, close_world, init_world, reduce_gradients
+from .distributed import World, all_reduce_sum, barrier, close_world, gather_rng, init_world, set_rng_state
 from .loss import summed_causal_lm_loss
+from .parallel import gradient_norm, parallelize, strategy_for
 
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -68,6 +69,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, world: World) -> None:
         self.cfg, self.world = cfg, world
+        self.strategy = strategy_for(cfg.strategy, world)  # before anything loads
         self.out = Path(cfg.out)
         self.tokenizer = load_tokenizer(cfg.model)
         data = load_dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_length)
@@ -78,7 +80,10 @@ class _Run:
         self.train_data, self.eval_data = split_dataset(data, cfg.eval_fraction, cfg.seed)
         self.pad_id = padding_id(self.tokenizer)
         self._prepare_model()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.base = None if cfg.full else base_record(self.model)  # while the base is whole (before FSDP)
+        self.parallel = parallelize(self.model, self.strategy, world)
+        self.parallel.module.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP's sharded ones, if FSDP
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if cfg.batch_size % (world.size * cfg.grad_accum):
@@ -100,8 +105,6 @@ class _Run:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise LoraError(f"grad_checkpointing: {type(model).__name__} does not support it; drop the option")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.to(self.world.device)
-        model.train()
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.cfg
@@ -121,7 +124,7 @@ class _Run:
         if world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
-            self._resume(load_checkpoint(cfg.resume))  # the log of the run goes on
+            self._resume()  # the log of the run goes on
         elif world.is_main:
             (self.out / LOG_FILE).write_text("")
         trainable, total = parameter_counts(self.model)
@@ -164,13 +167,13 @@ class _Run:
         denominator = counts.item()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros(1)
-        for chunk in chunks:
-            loss = self._loss(chunk) / denominator
-            loss.backward()
+        for i, chunk in enumerate(chunks):
+            with self.parallel.micro_batch(last=i == len(chunks) - 1):  # gradients reduced after the last
+                loss = self._loss(chunk) / denominator
+                loss.backward()
             total_loss += loss.detach().float().cpu()
-        reduce_gradients(world, self.params)
         all_reduce_sum(world, total_loss)
-        grad_norm = self._grad_norm()
+        grad_norm = gradient_norm(self.params, cfg.clip)
         finite = bool(torch.isfinite(total_loss).all()) and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self._update(finite)
@@ -201,18 +204,11 @@ class _Run:
                             f"checkpoint in {self.out}")
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        return summed_loss(self.model, batch, self.cfg.task, self.world.device, self.cfg.bf16)[0]
-
-    def _grad_norm(self) -> float:
-        if self.cfg.clip > 0:
-            return float(nn.utils.clip_grad_norm_(self.params, self.cfg.clip))
-        grads = [p.grad.norm() for p in self.params if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+        return summed_loss(self.parallel.module, batch, self.cfg.task, self.world.device, self.cfg.bf16)[0]
 
     def evaluate(self) -> dict:
         """Held-out metrics at the current step (each process scores its share; sums are reduced)."""
-        shard = self.eval_data.examples[self.world.rank::self.world.size]
-        record = evaluate(self.model, shard, self.cfg.task, self.pad_id, self.cfg.batch_size,
+        record = evaluate(self.model, self.eval_data.examples, self.cfg.task, self.pad_id, self.cfg.batch_size,
                           self.world.device, self.cfg.bf16, self.world)
         return {"step": self.step, **record}
 
@@ -223,51 +219,46 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(self) -> None:
-        rng = _gather_rng(self.world)
-        if self.world.is_main:
-            state = TrainingState(
-                self.step, trainable_weights(self.model), self.optimizer.state_dict(), self.scheduler.state_dict(),
-                rng, self.stream.state_dict(),
-                {"bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped, "evals": self.evals,
-                 "config": self.cfg.to_dict()},
-            )
-            adapter = None if self.cfg.full else (lambda folder: save_adapter(
-                self.model, folder / "adapter", metadata=self._label_metadata()))
-            save_checkpoint(self.out, state, self.cfg.keep_checkpoints, write_extra=adapter)
-        barrier(self.world)
+        """Every process: its shards of the trainable state, and its generators; rank 0 the rest."""
+        state = TrainingState(self.step, self.scheduler.state_dict(), self.stream.state_dict(),
+                              {"bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped, "evals": self.evals,
+                               "config": self.cfg.to_dict()},
+                              optimizer_groups(self.optimizer), gather_rng(self.world))
+        adapter = None if self.cfg.full else (lambda folder: self._write_model(folder / "adapter"))
+        save_checkpoint(self.world, self.out, state, trainable_tensors(self.model, self.optimizer),
+                        self.cfg.keep_checkpoints, write_extra=adapter)
 
-    def _resume(self, state: TrainingState) -> None:
-        current = trainable_weights(self.model)
-        if current.keys() != state.weights.keys():
-            missing = sorted(current.keys() - state.weights.keys())[:3]
-            raise LoraError(f"resume={self.cfg.resume!r}: the checkpoint's trainable weights do not match this "
-                            f"run's (e.g. {missing}); resume with the same model, task and LoRA options")
-        named = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state.weights.items():
-                named[name].copy_(tensor)
-        self.optimizer.load_state_dict(state.optimizer)
+    def _resume(self) -> None:
+        state = load_checkpoint(self.cfg.resume)
+        restore_trainable_(self.world, self.cfg.resume, self.model, self.optimizer, state.optimizer_groups)
         self.scheduler.load_state_dict(state.scheduler)
         self.stream.load_state_dict(state.data)
-        if self.world.rank < len(state.rng):
-            torch.set_rng_state(state.rng[self.world.rank])
+        if self.world.rank < len(state.rng):  # on more processes than wrote it, the others keep the seed's state
+            set_rng_state(self.world, state.rng[self.world.rank])
         self.step = state.step
         self.bad_in_a_row, self.skipped = state.extra["bad_in_a_row"], state.extra["skipped"]
         self.evals = list(state.extra["evals"])
 
     def save_final(self) -> int:
-        """The adapter (PEFT layout) or, for --full, the whole model; returns its size in bytes."""
-        if not self.world.is_main:
-            barrier(self.world)
-            return 0
+        """The adapter (PEFT layout) or, for --full, the whole model; returns its size in bytes (0 off rank 0)."""
         target = self.out / ("model" if self.cfg.full else "adapter")
-        if self.cfg.full:
-            self.model.save_pretrained(target)
-            self.tokenizer.save_pretrained(target)  # a complete model folder: from_pretrained works
-        else:
-            save_adapter(self.model, target, metadata=self._label_metadata())
+        self._write_model(target)
         barrier(self.world)
+        if not self.world.is_main:
+            return 0
         return sum(f.stat().st_size for f in target.iterdir() if f.suffix in (".safetensors", ".json"))
+
+    def _write_model(self, target: Path) -> None:
+        """Every process calls it: under FSDP they gather the trainable weights; rank 0 writes the adapter in
+        PEFT's layout (for --full, the whole model and its tokenizer) to `target`."""
+        with self.parallel.gathered(self.world):
+            if not self.world.is_main:
+                return
+            if self.cfg.full:
+                self.model.save_pretrained(target)
+                self.tokenizer.save_pretrained(target)  # a complete model folder: from_pretrained works
+            else:
+                save_adapter(self.model, target, metadata=self._label_metadata(), base=self.base)
 
     def _label_metadata(self) -> dict[str, str]:
         meta = {"lorakit_task": self.cfg.task, "lorakit_base_model": self.cfg.model}
@@ -321,13 +312,21 @@ def summed_loss(model: nn.Module, batch: dict, task: str, device: torch.device,
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int = 8,
              device: torch.device = torch.device("cpu"), bf16: bool = False, world: World = World()) -> dict:
-    """Mean loss over `examples` (summed over processes), with perplexity or accuracy."""
+    """Mean loss over `examples`, with perplexity or accuracy; each process scores every world.size-th
+    example and the sums are reduced."""
     was_training = model.training
     model.eval()
+    shard = examples[world.rank::world.size]
+    # The same number of forwards on every process (an FSDP forward is collective): one that has run out
+    # of examples scores a stand-in batch and counts nothing.
+    batch_size = max(1, batch_size)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, count, correct
-    for start in range(0, len(examples), max(1, batch_size)):
-        batch = collate(examples[start:start + batch_size], pad_id)
+    for start in range(0, -(-len(examples) // world.size), batch_size):
+        part = shard[start:start + batch_size]
+        batch = collate(part or examples[:1], pad_id)
         loss, logits = summed_loss(model, batch, task, device, bf16)
+        if not part:
+            continue
         totals[0] += loss.item()
         totals[1] += target_count(batch)
         if task == "classify":
@@ -342,15 +341,6 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
     else:
         record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50.0))
     return record
-
-
-def _gather_rng(world: World) -> list[torch.Tensor]:
-    state = torch.get_rng_state()
-    if world.size == 1:
-        return [state]
-    states = [torch.empty_like(state) for _ in range(world.size)]
-    dist.all_gather(states, state)
-    return states
 
 
 def _peak_memory(world: World) -> int:
