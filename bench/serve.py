@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -452,6 +453,8 @@ def settings_from(argv: list[str] | None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (`timeout`, a CI runner) unwinds like Ctrl-C, so the finally blocks stop the servers
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     command_line(sys.argv[1:] if argv is None else argv, "bench-serve", settings_from, run, serve_report)
     return 0
 

@@ -5,7 +5,7 @@
 
 A server is `python -m lorakit serve` on 127.0.0.1 at a free port, this checkout's lorakit first on
 its path; it is ready when GET /health answers, and always stopped (SIGTERM, then SIGKILL) on the way
-out. Clients are the official `openai` client, streaming, each timed from just before its request
+out; on Linux the kernel also sends it SIGTERM should the benchmark's process die first. Clients are the official `openai` client, streaming, each timed from just before its request
 is sent: time to first token (TTFT) at the first chunk with text, inter-token latency (ITL) the gaps
 between text chunks, the tokens counted by the server's usage chunk.
 """
@@ -27,6 +27,7 @@ from typing import Iterator
 from common import BENCH
 
 STOP_WAIT_S = 20.0  # after SIGTERM, how long a server may take to drain before SIGKILL
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,20 @@ def start(spec: ServerSpec) -> Server:
            "TOKENIZERS_PARALLELISM": "false"}
     out = open(spec.log, "w") if spec.log else subprocess.DEVNULL
     try:
-        process = subprocess.Popen(command, cwd=BENCH.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=BENCH.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     finally:
         if spec.log:
             out.close()  # the child holds its own descriptor
     return Server(spec, process, port)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), so no server outlives a
+    benchmark that was killed."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_ready(server: Server, timeout_s: float) -> None:
