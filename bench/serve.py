@@ -87,7 +87,7 @@ class Settings:
     scaling_requests: int = 32  # per server per round
     scaling_rounds: int = 4
     load_path_cycles: int = 2  # times round the largest scaling count, in-process
-    threads: int = 2
+    threads: int = 2  # torch threads of every server (OMP_NUM_THREADS) and of PEFT in this process
     request_timeout_s: float = 120.0
     round_timeout_s: float = 600.0
     start_timeout_s: float = 240.0
@@ -440,6 +440,8 @@ def settings_from(argv: list[str] | None) -> Settings:
                              "and 16 adapters; writes serve.jsonl only (not serve.md or serve.png)")
     parser.add_argument("--rounds", type=int, help="timed rounds of (a)-(d) (default: 3)")
     parser.add_argument("--concurrency", type=int, help="clients at once for (a), (b) and scaling (default: 16)")
+    parser.add_argument("--threads", type=int, help="torch threads of the servers and of PEFT (default: 2; 1 keeps a "
+                                                    "busy 2-core machine from stalling both threads of every op)")
     parser.add_argument("--label", default="", help="free text kept with the run, e.g. what else the machine ran")
     args = parser.parse_args(argv)
     settings = Settings(label=args.label)
@@ -449,6 +451,8 @@ def settings_from(argv: list[str] | None) -> Settings:
         settings = replace(settings, rounds=args.rounds)
     if args.concurrency:
         settings = replace(settings, concurrency=args.concurrency)
+    if args.threads:
+        settings = replace(settings, threads=args.threads)
     return settings
 
 

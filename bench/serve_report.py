@@ -126,8 +126,8 @@ def body(result: dict) -> str:
         f"requests spread over {compare['spread_s']:.1f} s, one request's latency in the warm-up, so that requests "
         f"arrive spread out rather than in waves), {compare['requests']} requests a round, (b)'s round-robin over "
         f"{compare['adapters']} rank-{s['rank']} q_proj/v_proj adapters; TTFT from sending the request to the "
-        f"first text chunk, ITL the gaps between chunks. (c) and (d): PEFT "
-        f"in the benchmark's process, {s['threads']} torch threads; round r answers the requests of adapters r, "
+        f"first text chunk, ITL the gaps between chunks. (c) and (d): PEFT in the benchmark's process. Servers and "
+        f"PEFT run with {s['threads']} torch thread(s) each. In round r (c) and (d) answer the requests of adapters r, "
         f"r + {s['rounds']}, ... (so (b)'s requests once over the rounds, in (b)'s groups); TTFT from `set_adapter` "
         f"to the first token `generate` streams, ITL the gaps between tokens. {s['rounds']} timed rounds after a "
         "warm-up, the order rotating.",

@@ -131,7 +131,8 @@ def test_quick_is_a_smaller_run_that_leaves_the_report_alone():
     assert (full.model, full.prompt_tokens, full.max_tokens, full.adapters) == ("smollm2-135m", 64, 32, 32)
     assert (full.scaling, full.scaling_max_loaded) == ((1, 8, 32, 128), 8)
     assert quick.rounds == 1 and quick.requests < full.requests and quick.plot is None and quick.markdown is None
-    assert serve.settings_from(["--rounds", "5", "--concurrency", "8"]).rounds == 5
+    partial = serve.settings_from(["--rounds", "5", "--concurrency", "8", "--threads", "1"])
+    assert (partial.rounds, partial.concurrency, partial.threads) == (5, 8, 1)
 
 
 @pytest.mark.slow
