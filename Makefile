@@ -41,7 +41,7 @@ bench-precision: install
 	$(PY) bench/precision.py $(BENCH_ARGS)
 
 # `lorakit serve` under 16 streaming clients: base vs 32 adapters vs PEFT per request vs PEFT batched per adapter,
-# then 1-128 adapters through 8 cache slots (about 12 min); writes bench/results/serve.{jsonl,png,md}; BENCH_ARGS=--quick as above.
+# then 1-128 adapters through 8 cache slots (about 13 min); writes bench/results/serve.{jsonl,png,md}; BENCH_ARGS=--quick as above.
 bench-serve: install
 	$(PY) bench/serve.py $(BENCH_ARGS)
 

@@ -1,6 +1,6 @@
 """Benchmark: `lorakit serve` under concurrent streaming clients, against PEFT, and as the adapters multiply.
 
-    .venv/bin/python bench/serve.py            # full run (`make bench-serve`): about 12 minutes on 2 CPU cores
+    .venv/bin/python bench/serve.py            # full run (`make bench-serve`): about 13 minutes on 2 quiet CPU cores
     .venv/bin/python bench/serve.py --quick    # smoke run: 4 adapters, 8 clients, one round (1-2 minutes)
 
 SmolLM2-135M, prompts of exactly 64 tokens (windows of data/kjv_sample.txt, whose greedy continuations
@@ -58,13 +58,15 @@ from lorakit.zoo import load_tokenizer, model_directory
 import perf_models as pm
 import serve_report
 from common import BENCH, Log, command_line, loadavg, machine, rotated, torch_threads
+from perf import clean_rounds
 from perf_load import Meter, QuietGate
-from serve_http import Job, ServerSpec, Streamed, drive, metrics_delta, scrape, servers
+from serve_http import Job, ServerSpec, Streamed, drive, metrics_delta, metrics_sum, scrape, servers
 
 RESULTS = BENCH / "results"
 TEXT = BENCH.parent / "data" / "kjv_sample.txt"
 VARIANTS = ("a", "b", "c", "d")
 ADAPTERS_VERSION = 1  # bump when make_adapters makes different adapters
+MIN_CLEAN = 2  # summaries keep the rounds with little other work when at least this many had little
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Settings:
     scaling: tuple[int, ...] = (1, 8, 32, 128)  # adapters registered
     scaling_max_loaded: int = 8
     scaling_requests: int = 32  # per server per round
-    scaling_rounds: int = 4
+    scaling_rounds: int = 3
     load_path_cycles: int = 2  # times round the largest scaling count, in-process
     threads: int = 2  # torch threads of every server (OMP_NUM_THREADS) and of PEFT in this process
     request_timeout_s: float = 120.0
@@ -247,21 +249,34 @@ def latency_stats(records: list[Streamed]) -> dict:
             "itl_ms": percentiles([g for r in answered for g in r.gaps])}
 
 
-def ratio_stats(values: list[float], references: list[float]) -> dict:
-    """values / references: the median of per-round ratios (with its range) and the ratio of the best rounds."""
-    ratios = [v / r for v, r in zip(values, references)]
-    return {"ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-            "best": max(values) / max(references), "rounds": len(ratios)}
+def used_rounds(*series: list[dict]) -> list[int]:
+    """The rounds to summarise: those in which other work stayed under CLEAN_CPUS during every one of the runs
+    given (one run per round in each series), or every round if fewer than MIN_CLEAN were."""
+    others = [None if any(run["others"] is None for run in runs) else max(run["others"] for run in runs)
+              for runs in zip(*series)]
+    return clean_rounds(others, minimum=MIN_CLEAN)
 
 
-def summarise_runs(runs: list[dict], records: list[Streamed]) -> dict:
-    """A configuration over its timed runs: median and best throughput, latencies over every request."""
-    throughputs, requests = [r["throughput"] for r in runs], sum(r["requests"] for r in runs)
-    return {"throughput": statistics.median(throughputs), "best": max(throughputs), "rounds": throughputs,
+def ratio_stats(runs: list[dict], references: list[dict]) -> dict:
+    """Throughput of `runs` / `references`: the median of per-round ratios over the rounds used (with their range),
+    and the ratio of the best rounds (over all)."""
+    used = used_rounds(runs, references)
+    ratios = [runs[i]["throughput"] / references[i]["throughput"] for i in used]
+    return {"ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios),
+            "best": max(r["throughput"] for r in runs) / max(r["throughput"] for r in references)}
+
+
+def summarise_runs(runs: list[dict], records: list[list[Streamed]]) -> dict:
+    """A configuration over the rounds used: median throughput, latencies over their requests; the best
+    throughput, the counts and the other work of every round."""
+    used = used_rounds(runs)
+    requests = sum(r["requests"] for r in runs)
+    return {"throughput": statistics.median(runs[i]["throughput"] for i in used), "used": used,
+            "best": max(r["throughput"] for r in runs), "rounds": [r["throughput"] for r in runs],
             "tokens": sum(r["tokens"] for r in runs), "requests": requests, "errors": sum(r["errors"] for r in runs),
             "others": [r["others"] for r in runs],
             "ran_to_limit": sum(r["ran_to_limit"] * r["requests"] for r in runs) / max(1, requests),
-            **latency_stats(records)}
+            **latency_stats([record for i in used for record in records[i]])}
 
 
 def log_requests(log: Log, records: list[Streamed], **where) -> None:
@@ -330,13 +345,12 @@ def compare(settings: Settings, folders: list[Path], pool: list[str], tokenizer,
                 subset = requests if variant in ("a", "b") else slices[round_]
                 records, stats = timed(lambda: answer[variant](subset), gate, [server.pid])
                 runs[variant].append(stats)
-                kept[variant] += records
+                kept[variant].append(records)
                 log("run", phase="compare", variant=variant, round=round_, **stats)
                 log_requests(log, records, phase="compare", variant=variant, round=round_)
                 bar.update(1)
-    throughputs = {v: [r["throughput"] for r in runs[v]] for v in VARIANTS}
     return {"variants": {v: summarise_runs(runs[v], kept[v]) for v in VARIANTS},
-            "ratios": {f"{a}/{b}": ratio_stats(throughputs[a], throughputs[b])
+            "ratios": {f"{a}/{b}": ratio_stats(runs[a], runs[b])
                        for a, b in (("b", "a"), ("b", "c"), ("b", "d"), ("d", "c"))},
             "requests": len(requests), "adapters": len(names), "spread_s": spread}
 
@@ -354,8 +368,7 @@ def scaling(settings: Settings, folders: list[Path], pool: list[str], spread_s: 
         bar.set_description("scaling: warm-up")
         for server in started:  # the base only: the first forwards are paid, no adapter is loaded
             http(settings, server.url, [Job(settings.model, p) for p in pool[:settings.concurrency]], spread_s)
-        first = {n: scrape(s.url) for n, s in by_count.items()}
-        last = dict(first)
+        last = {n: scrape(s.url) for n, s in by_count.items()}
         for round_ in range(settings.scaling_rounds):
             for n in rotated(list(settings.scaling), round_):
                 bar.set_description(f"scaling: round {round_ + 1}/{settings.scaling_rounds}, {n} adapters")
@@ -365,17 +378,22 @@ def scaling(settings: Settings, folders: list[Path], pool: list[str], spread_s: 
                 now = scrape(by_count[n].url)
                 stats["cache"], last[n] = metrics_delta(now, last[n]), now
                 runs[n].append(stats)
-                kept[n] += records
+                kept[n].append(records)
                 log("run", phase="scaling", adapters=n, round=round_, **stats)
                 log_requests(log, records, phase="scaling", adapters=n, round=round_)
                 bar.update(1)
-    throughputs = {n: [r["throughput"] for r in runs[n]] for n in settings.scaling}
-    reference = throughputs[settings.scaling[0]]
-    return {n: {**summarise_runs(runs[n], kept[n]), "vs_first": ratio_stats(throughputs[n], reference),
-                "cache": metrics_delta(last[n], first[n]),
-                "round_load_ms": [1e3 * r["cache"]["loads"]["sum"] / r["cache"]["loads"]["count"]
-                                  if r["cache"]["loads"]["count"] else None for r in runs[n]]}
-            for n in settings.scaling}
+    return {n: scaling_summary(runs[n], kept[n], runs[settings.scaling[0]]) for n in settings.scaling}
+
+
+def scaling_summary(runs: list[dict], records: list[list[Streamed]], reference: list[dict]) -> dict:
+    """summarise_runs, the throughput over the reference's, the cache counters and load histogram over the
+    rounds used ("cache") and over all ("cache_all"), and the mean load time of every round."""
+    summary = summarise_runs(runs, records)
+    return {**summary, "vs_first": ratio_stats(runs, reference),
+            "cache": metrics_sum([runs[i]["cache"] for i in summary["used"]]),
+            "cache_all": metrics_sum([r["cache"] for r in runs]),
+            "round_load_ms": [1e3 * r["cache"]["loads"]["sum"] / r["cache"]["loads"]["count"]
+                              if r["cache"]["loads"]["count"] else None for r in runs]}
 
 
 def load_path(settings: Settings, folders: list[Path]) -> dict:
@@ -384,7 +402,7 @@ def load_path(settings: Settings, folders: list[Path]) -> dict:
     model = pm.build_base(settings.model)
     cache = lk.AdapterCache(model, capacity=settings.scaling_max_loaded)
     cache.register_many({f.name: f for f in folders})
-    seconds = []
+    seconds, meter = [], Meter()
     with torch_threads(settings.threads):
         for i in range(settings.load_path_cycles * len(folders)):
             start = time.perf_counter()
@@ -392,6 +410,7 @@ def load_path(settings: Settings, folders: list[Path]) -> dict:
             seconds.append(time.perf_counter() - start)
     cycle = len(folders)
     return {"adapters": len(folders), "slots": cache.capacity, "calls": len(seconds), "misses": cache.misses,
+            "others": meter.others(),
             "evictions": cache.evictions, "all": percentiles(seconds), "max_ms": 1e3 * max(seconds),
             "mean_ms": 1e3 * statistics.mean(seconds), "first_cycle": percentiles(seconds[:cycle]),
             "last_cycle": percentiles(seconds[-cycle:]), "ms": [round(1e3 * s, 3) for s in seconds]}

@@ -5,9 +5,11 @@
 
 A server is `python -m lorakit serve` on 127.0.0.1 at a free port, this checkout's lorakit first on
 its path; it is ready when GET /health answers, and always stopped (SIGTERM, then SIGKILL) on the way
-out; on Linux the kernel also sends it SIGTERM should the benchmark's process die first. Clients are the official `openai` client, streaming, each timed from just before its request
-is sent: time to first token (TTFT) at the first chunk with text, inter-token latency (ITL) the gaps
-between text chunks, the tokens counted by the server's usage chunk.
+out; on Linux the kernel also sends it SIGTERM should the benchmark's process die first.
+
+Clients are the official `openai` client, streaming, each timed from just before its request is sent:
+time to first token (TTFT) at the first chunk with text, inter-token latency (ITL) the gaps between
+text chunks, the tokens counted by the server's usage chunk.
 """
 from __future__ import annotations
 
@@ -239,6 +241,15 @@ def metrics_delta(after: dict, before: dict) -> dict:
              "sum": after["loads"]["sum"] - before["loads"]["sum"],
              "buckets": [(le, n - earlier.get(le, 0.0)) for le, n in after["loads"]["buckets"]]}
     return {**{k: after[k] - before[k] for k in ("misses", "hits", "evictions")}, "loads": loads}
+
+
+def metrics_sum(deltas: list[dict]) -> dict:
+    """The metrics_delta's of several spans added up."""
+    bounds = dict.fromkeys(le for d in deltas for le, _ in d["loads"]["buckets"])
+    buckets = [(le, sum(dict(d["loads"]["buckets"]).get(le, 0.0) for d in deltas)) for le in bounds]
+    return {**{k: sum(d[k] for d in deltas) for k in ("misses", "hits", "evictions")},
+            "loads": {"count": sum(d["loads"]["count"] for d in deltas), "sum": sum(d["loads"]["sum"] for d in deltas),
+                      "buckets": buckets}}
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:

@@ -63,6 +63,11 @@ def _others(values: list) -> str:
     return f"{max(known):.2f}" if known else "?"
 
 
+def _rounds(values: list, used: list[int], digits: int) -> str:
+    """Every round's value, a * on those left out (other work) and "-" where there was none."""
+    return ", ".join("-" if v is None else f"{v:.{digits}f}" + ("" if i in used else "*") for i, v in enumerate(values))
+
+
 def latency_cells(s: dict) -> list[str]:
     return [_ms(s["ttft_ms"], "p50"), _ms(s["ttft_ms"], "p99"), _ms(s["itl_ms"], "p50"), _ms(s["itl_ms"], "p99")]
 
@@ -71,7 +76,7 @@ def compare_table(compare: dict, settings: dict) -> str:
     variants, rows, label = compare["variants"], [], labels(settings)
     for name, s in variants.items():
         ratio = variants[name]["throughput"] / variants["a"]["throughput"]
-        rounds = ", ".join(f"{t:.0f}" for t in s["rounds"])
+        rounds = _rounds(s["rounds"], s["used"], 0)
         rows.append([label[name], f"{s['throughput']:.1f}", rounds, f"{ratio:.2f}x", *latency_cells(s),
                      f"{s['requests']}", f"{s['tokens']}", f"{100 * s['ran_to_limit']:.0f}%", f"{s['errors']}",
                      _others(s["others"])])
@@ -83,8 +88,8 @@ def compare_table(compare: dict, settings: dict) -> str:
 def scaling_table(scaling: dict) -> str:
     rows = []
     for n, s in scaling.items():
-        cache, stats = s["cache"], load_stats(s["cache"]["loads"], LOAD_LIMIT_MS / 1e3)
-        rounds = ", ".join("-" if m is None else f"{m:.1f}" for m in s["round_load_ms"])
+        cache, stats = s["cache_all"], load_stats(s["cache"]["loads"], LOAD_LIMIT_MS / 1e3)
+        rounds = _rounds(s["round_load_ms"], s["used"], 1)
         rows.append([str(n), f"{s['throughput']:.1f}", f"{s['vs_first']['ratio']:.2f}x", *latency_cells(s),
                      f"{cache['misses']:.0f}", f"{cache['hits']:.0f}", f"{cache['evictions']:.0f}",
                      _ms(stats, "mean_ms"), _ms(stats, "p50_ms"), _ms(stats, "p99_ms"), _ms(stats, "max_le_ms"),
@@ -95,11 +100,13 @@ def scaling_table(scaling: dict) -> str:
 
 
 def load_path_line(path: dict) -> str:
+    others = "unknown" if path["others"] is None else f"{path['others']:.2f}"
     return (f"The load path alone, in this process (`AdapterCache.ensure` of {path['adapters']} adapters in turn "
-            f"through {path['slots']} slots, {path['calls']} calls, {path['misses']} misses, {path['evictions']} "
-            f"evictions): p50 {path['all']['p50']:.2f} ms, p99 {path['all']['p99']:.2f} ms, "
-            f"max {path['max_ms']:.2f} ms, mean {path['mean_ms']:.2f} ms; p50 over the first {path['adapters']} calls "
-            f"{path['first_cycle']['p50']:.2f} ms, over the last {path['last_cycle']['p50']:.2f} ms.")
+            f"through {path['slots']} slots: {path['calls']} calls, {path['misses']} misses, {path['evictions']} "
+            f"evictions; other work meanwhile {others} CPUs): p50 {path['all']['p50']:.2f} ms, p99 "
+            f"{path['all']['p99']:.2f} ms, max {path['max_ms']:.2f} ms, mean {path['mean_ms']:.2f} ms; p50 over the "
+            f"first {path['adapters']} calls {path['first_cycle']['p50']:.2f} ms, over the last "
+            f"{path['last_cycle']['p50']:.2f} ms.")
 
 
 def verdict_table(result: dict) -> str:
@@ -130,7 +137,8 @@ def body(result: dict) -> str:
         f"PEFT run with {s['threads']} torch thread(s) each. In round r (c) and (d) answer the requests of adapters r, "
         f"r + {s['rounds']}, ... (so (b)'s requests once over the rounds, in (b)'s groups); TTFT from `set_adapter` "
         f"to the first token `generate` streams, ITL the gaps between tokens. {s['rounds']} timed rounds after a "
-        "warm-up, the order rotating.",
+        f"warm-up, the order rotating. Rounds marked * had other work over {CLEAN_CPUS} CPUs during a run and are "
+        "left out of the medians, ratios, latencies and load times (when at least 2 rounds were clean).",
         "",
         "### Targets",
         "",
@@ -145,7 +153,8 @@ def body(result: dict) -> str:
         f"One server per count, started together; {s['scaling_rounds']} rounds of {s['scaling_requests']} requests "
         f"to each in turn, round-robin over its adapters, {s['concurrency']} clients. Cache counters and the load "
         "histogram (`lorakit_adapter_load_seconds`: the engine's time in `AdapterCache.ensure` on a miss, eviction "
-        "included) from /metrics, after a warm-up on the base; the histogram's quantiles are interpolated within "
+        "included) from /metrics, after a warm-up on the base (misses, hits, evictions: every round; load times: "
+        "the rounds used); the histogram's quantiles are interpolated within "
         "its buckets (bounds 5, 10, 25 ms ...), so below 10 ms only the mean (exact: sum / count) and the share "
         "<= 10 ms (a bucket bound) are exact.",
         "",
@@ -255,9 +264,9 @@ def load_panel(ax, result: dict) -> None:
             label=f"AdapterCache.ensure in process ({path['adapters']} adapters, {path['slots']} slots)")
     ax.axhline(LOAD_LIMIT_MS, color="red", linewidth=1.5, label=f"target {LOAD_LIMIT_MS:g} ms")
     for n, s in result["scaling"].items():
-        means = [m for m in s["round_load_ms"] if m is not None]
-        if means:
-            ax.plot([], [], " ", label=f"server, {n} adapters: mean per round " + ", ".join(f"{m:.1f}" for m in means))
+        if any(m is not None for m in s["round_load_ms"]):
+            means = _rounds(s["round_load_ms"], s["used"], 1)
+            ax.plot([], [], " ", label=f"server, {n} adapters: mean ms per round {means}")
     ax.set_xlabel("call (each a miss)")
     ax.set_ylabel("adapter load ms")
     ax.set_ylim(bottom=0)

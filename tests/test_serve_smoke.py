@@ -65,7 +65,7 @@ def test_every_configuration_answers_every_request_and_is_recorded(tiny_run):
 
 def test_scaling_reads_misses_and_loads_from_the_servers(tiny_run):
     settings, result = tiny_run
-    one, four = result["scaling"][1]["cache"], result["scaling"][4]["cache"]
+    one, four = result["scaling"][1]["cache_all"], result["scaling"][4]["cache_all"]
     assert (one["misses"], one["loads"]["count"]) == (1, 1)  # one adapter: loaded once, then hits
     # four adapters round-robin through two slots: every request a miss, less what a batch shares
     assert four["misses"] == four["loads"]["count"] > 2 and four["evictions"] == four["misses"] - 2
@@ -94,6 +94,17 @@ def test_a_server_is_stopped_when_the_block_fails(tmp_path):
     assert server.process.returncode in (0, -signal.SIGTERM)
 
 
+def test_metrics_add_up_across_spans():
+    def span(misses, under_5ms, under_10ms):
+        return {"misses": misses, "hits": 1.0, "evictions": 0.0,
+                "loads": {"count": misses, "sum": 0.5 * misses, "buckets": [(0.005, under_5ms), (0.01, under_10ms)]}}
+
+    total = serve_http.metrics_sum([span(2.0, 1.0, 2.0), span(3.0, 0.0, 3.0)])
+    assert (total["misses"], total["hits"], total["loads"]["count"]) == (5.0, 2.0, 5.0)
+    assert total["loads"]["buckets"] == [(0.005, 1.0), (0.01, 5.0)]
+    assert serve_http.metrics_delta(total, span(2.0, 1.0, 2.0)) == {**span(3.0, 0.0, 3.0), "hits": 1.0}
+
+
 def test_histogram_quantiles_match_prometheus():
     # 10 loads: 2 in (0, 5 ms], 7 in (5, 10 ms], 1 in (10, 25 ms]
     buckets = [(0.005, 2.0), (0.01, 9.0), (0.025, 10.0), (float("inf"), 10.0)]
@@ -111,8 +122,15 @@ def test_percentiles_and_ratios_against_numpy():
     stats = serve.percentiles(values)
     assert stats["p50"] == pytest.approx(1e3 * np.percentile(values, 50))
     assert stats["p99"] == pytest.approx(1e3 * np.percentile(values, 99))
-    ratios = serve.ratio_stats([2.0, 3.0, 9.0], [1.0, 2.0, 3.0])  # per round 2, 1.5, 3
-    assert (ratios["ratio"], ratios["min"], ratios["max"], ratios["best"]) == (2.0, 1.5, 3.0, 3.0)
+    def runs(throughputs, others):
+        return [{"throughput": t, "others": o} for t, o in zip(throughputs, others)]
+
+    ratios = serve.ratio_stats(runs([2.0, 3.0, 9.0], [0.0] * 3), runs([1.0, 2.0, 3.0], [0.1] * 3))  # 2, 1.5, 3
+    assert (ratios["ratio"], ratios["min"], ratios["max"], ratios["best"], ratios["rounds"]) == (2.0, 1.5, 3.0, 3.0, 3)
+    # a round in which other work was busy during either run is left out (while 2 clean rounds remain)
+    ratios = serve.ratio_stats(runs([2.0, 3.0, 9.0], [0.0, 0.0, 0.0]), runs([1.0, 2.0, 3.0], [0.1, 1.0, 0.0]))
+    assert (ratios["ratio"], ratios["rounds"], ratios["best"]) == (2.5, 2, 3.0)  # rounds 0 and 2: 2 and 3
+    assert serve.used_rounds(runs([1, 1, 1], [1.0, 1.0, 0.0])) == [0, 1, 2]  # one clean round: all are kept
 
 
 def test_prompts_have_exactly_the_tokens_asked_for(tmp_path):
