@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test quick bench bench-precision bench-distributed analysis clean
+.PHONY: install demo test quick bench bench-precision bench-distributed bench-serve analysis clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ bench-precision: install
 # RSS per process, bytes per collective per step; writes bench/results/distributed.{jsonl,png,md}; BENCH_ARGS=--quick.
 bench-distributed: install
 	$(PY) bench/distributed.py $(BENCH_ARGS)
+
+# `lorakit serve` under 16 streaming clients: base vs 32 adapters vs PEFT per request vs PEFT batched per adapter,
+# then 1-128 adapters through 8 cache slots (about 13 min); writes bench/results/serve.{jsonl,png,md}; BENCH_ARGS=--quick as above.
+bench-serve: install
+	$(PY) bench/serve.py $(BENCH_ARGS)
 
 # The runs behind docs/analysis.md (about 30 min): MiniLM and SmolLM2 adapters (rank 8 twice, rank 64), full
 # fine-tuning, then `lorakit analyze`; reports in docs/analysis/<experiment>/.

@@ -1,5 +1,5 @@
 """What the benchmarks share: the JSON-lines log, the machine description, the profile of one call,
-the rotating order of interleaved rounds and torch's thread count for a run."""
+the rotating order of interleaved rounds, torch's thread count for a run, and the command-line main."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,10 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator
 
 import torch
@@ -122,3 +124,22 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+def command_line(argv: list[str], target: str, settings_from: Callable, run: Callable, report: ModuleType) -> dict:
+    """A benchmark's main: its settings from `argv`, the run with timed progress lines, then its report printed and
+    written (`report.body`, `report.write_outputs`); the run's result, its command recorded as `make target`."""
+    settings = settings_from(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, from inside PEFT
+    began = time.perf_counter()
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - began:6.0f} s] {text}", flush=True)
+
+    result = run(settings, progress)
+    result["meta"]["command"] = f"make {target}" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")
+    print(report.body(result))
+    report.write_outputs(result, settings)
+    print(f"records appended to {settings.out} (run {result['run']})")
+    return result

@@ -40,7 +40,7 @@ import torch
 import lorakit as lk
 import perf_models as pm
 import perf_report
-from common import BENCH, Log, loadavg, machine, profile, rotated, torch_threads
+from common import BENCH, Log, command_line, loadavg, machine, profile, rotated, torch_threads
 from perf_load import CLEAN_CPUS, Meter, QuietGate
 from perf_step import VARIANTS as TRAIN_VARIANTS, StepSpec, lockstep
 
@@ -539,20 +539,8 @@ def settings_from(argv: list[str] | None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    settings = settings_from(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, from inside PEFT
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    began = time.perf_counter()
-
-    def progress(text: str) -> None:
-        print(f"[{time.perf_counter() - began:6.0f} s] {text}", flush=True)
-
-    result = run(settings, progress)
-    result["meta"]["command"] = f"make bench BENCH_ARGS='{' '.join(argv)}'" if argv else "make bench"
-    print(perf_report.body(result))
-    perf_report.write_outputs(result, settings)
-    print(f"records appended to {settings.out} (run {result['run']})")
+    result = command_line(sys.argv[1:] if argv is None else argv, "bench", settings_from, run, perf_report)
     checks = all(m["check"]["passed"] for m in result["models"].values())
     return 0 if checks else 1
 

@@ -31,7 +31,6 @@ import gc
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -39,7 +38,7 @@ from typing import Callable
 import perf
 import perf_models as pm
 import precision_report
-from common import BENCH, Log, loadavg, machine, torch_threads
+from common import BENCH, Log, command_line, loadavg, machine, torch_threads
 from perf_load import QuietGate
 from perf_step import StepSpec
 
@@ -186,19 +185,7 @@ def settings_from(argv: list[str] | None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    settings = settings_from(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    began = time.perf_counter()
-
-    def progress(text: str) -> None:
-        print(f"[{time.perf_counter() - began:6.0f} s] {text}", flush=True)
-
-    result = run(settings, progress)
-    result["meta"]["command"] = ("make bench-precision" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else ""))
-    print(precision_report.body(result))
-    precision_report.write_outputs(result, settings)
-    print(f"records appended to {settings.out} (run {result['run']})")
+    command_line(sys.argv[1:] if argv is None else argv, "bench-precision", settings_from, run, precision_report)
     return 0
 
 
