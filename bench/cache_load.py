@@ -97,24 +97,33 @@ class GcPauses:
 
 
 def time_misses(cache: lk.AdapterCache, names: list[str], log: Log, bar: tqdm) -> list[dict]:
-    """Ask for each name in turn (each a miss), timing each; one record per miss."""
+    """Ask for each name in turn (each a miss), timing each; one record per miss, each with the CPUs other work
+    used during its block of BLOCK misses (perf_load.Meter: the machine is shared)."""
     pauses = GcPauses()
     gc.callbacks.append(pauses)
-    records = []
+    records, meter = [], Meter()
     try:
         for i, name in enumerate(names):
+            if i % BLOCK == 0 and i:
+                others = meter.others()
+                for record in records[-BLOCK:]:
+                    record["others_cpus"] = others
+                meter.start()
             evictions, gc_before = cache.evictions, pauses.total()
             wall, cpu = time.perf_counter(), time.process_time()
             cache.ensure([name])
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            record = {"miss": i, "adapter": name, "evicted": cache.evictions > evictions, "ms": 1e3 * wall,
-                      "cpu_ms": 1e3 * cpu, "gc_ms": 1e3 * (pauses.total() - gc_before),
-                      "load_ms": 1e3 * cache.load_times[name]}
-            log("miss", **record)
-            records.append(record)
+            records.append({"miss": i, "adapter": name, "evicted": cache.evictions > evictions, "ms": 1e3 * wall,
+                            "cpu_ms": 1e3 * cpu, "gc_ms": 1e3 * (pauses.total() - gc_before),
+                            "load_ms": 1e3 * cache.load_times[name]})
             bar.update()
     finally:
         gc.callbacks.remove(pauses)
+    others = meter.others()
+    for record in records[BLOCK * ((len(records) - 1) // BLOCK):]:  # the last block
+        record["others_cpus"] = others
+    for record in records:
+        log("miss", **record)
     return records
 
 
@@ -136,8 +145,16 @@ def summarise(records: list[dict]) -> dict:
             "cpu_p50_ms": statistics.median(r["cpu_ms"] for r in evicting),
             "load_p50_ms": statistics.median(r["load_ms"] for r in evicting),
             "first_p50_ms": statistics.median(ms[:BLOCK]), "last_p50_ms": statistics.median(ms[-BLOCK:]),
+            "first_cpu_p50_ms": statistics.median(r["cpu_ms"] for r in evicting[:BLOCK]),
+            "last_cpu_p50_ms": statistics.median(r["cpu_ms"] for r in evicting[-BLOCK:]),
+            "first_others_cpus": _mean_others(evicting[:BLOCK]), "last_others_cpus": _mean_others(evicting[-BLOCK:]),
             "trend_ms_per_100": 100 * slope, "gc_ms": sum(r["gc_ms"] for r in records),
             "misses_with_gc_over_5ms": sum(r["gc_ms"] > 5 for r in evicting)}
+
+
+def _mean_others(records: list[dict]) -> float | None:
+    values = [r["others_cpus"] for r in records if r.get("others_cpus") is not None]
+    return statistics.fmean(values) if values else None
 
 
 def profile_misses(cache: lk.AdapterCache, block: list[str], other_block: list[str]) -> dict:
@@ -227,17 +244,24 @@ def table(summary: dict, settings: Settings) -> str:
         f"({settings.model}, rank {settings.rank}, {','.join(settings.targets)}, {settings.threads} threads"
         f"{', gc frozen' if settings.gc_freeze else ''}); other work on the machine meanwhile: {others}",
         "",
-        "| misses (evicting) | p50 ms | p90 | p99 | max | mean | CPU p50 | load alone p50 | first 20 p50 | last 20 p50 "
-        "| trend ms/100 misses | GC ms (misses > 5 ms) | check |",
+        "| misses (evicting) | p50 ms | p90 | p99 | max | mean | CPU p50 | load alone p50 "
+        "| first 20: p50 / CPU / others | last 20: p50 / CPU / others | trend ms/100 misses | GC ms (misses > 5 ms) "
+        "| check |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| {s['misses']} ({s['evicting']}) | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} "
         f"| {s['max_ms']:.1f} | {s['mean_ms']:.2f} | {s['cpu_p50_ms']:.2f} | {s['load_p50_ms']:.2f} "
-        f"| {s['first_p50_ms']:.2f} | {s['last_p50_ms']:.2f} | {s['trend_ms_per_100']:+.3f} "
+        f"| {_block(s, 'first')} | {_block(s, 'last')} | {s['trend_ms_per_100']:+.3f} "
         f"| {s['gc_ms']:.0f} ({s['misses_with_gc_over_5ms']}) "
         f"| {'pass' if s['check']['passed'] else 'FAIL'} (max err {s['check']['max_abs_error']:.1e}) |",
         "",
         f"miss p50 <= {TARGET_MS:g} ms: **{verdict}** ({s['p50_ms']:.2f} ms)",
     ])
+
+
+def _block(summary: dict, which: str) -> str:
+    others = summary[f"{which}_others_cpus"]
+    return (f"{summary[f'{which}_p50_ms']:.2f} / {summary[f'{which}_cpu_p50_ms']:.2f} / "
+            + ("?" if others is None else f"{others:.2f}"))
 
 
 def settings_from(argv: list[str] | None) -> Settings:

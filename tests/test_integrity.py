@@ -20,6 +20,16 @@ def test_the_checksum_sees_every_bit_name_dtype_and_shape():
     assert integrity.tensor_checksum({**tensors, "e": torch.zeros(0)}) != digest  # empty tensors count too
 
 
+def test_the_checksum_hashed_on_a_thread_is_tensor_checksum():
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(300, 7, generator=g), "a": torch.randn(5, generator=g).to(torch.bfloat16),
+               "e": torch.zeros(0)}
+    expected = integrity.tensor_checksum(tensors)
+    digest = integrity.checksum_started(tensors)
+    tensors["b"].zero_()  # its bytes were taken when the hash started
+    assert digest() == expected
+
+
 def test_fingerprint_of_a_large_weight_samples_it_and_still_tells_bases_apart():
     """Past FINGERPRINT_ENTRIES entries the probe samples fixed positions: a re-seeded base differs,
     a scaled copy differs, a bfloat16 copy agrees."""

@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import safetensors.torch
 import torch
@@ -35,9 +35,15 @@ from ..core.precision import precision_of
 from ..errors import LoraError, problems_error
 from . import peft
 from .files import write_atomically
+<<<<<<< HEAD
 from .integrity import (base_fingerprint, fingerprint_problems, is_fingerprint, modules_precision, non_finite,
                         tensor_checksum)
 from .peft import CONFIG_FILE, WEIGHTS_FILE
+=======
+from .integrity import (base_fingerprint, checksum_started, fingerprint_problems, is_fingerprint, modules_precision,
+                        non_finite, tensor_checksum)
+from .peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+>>>>>>> helper-l
 
 FORMAT_VERSION = "3"  # 3: tensor checksum, config read back; 2: sampled base fingerprint; 1: full fingerprint
 FINGERPRINT_VERSIONS = ("2", "3")  # versions whose fingerprints compare with this one's
@@ -177,8 +183,25 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | 
 
 def _plan(model: nn.Module, directory: Path, adapter: str | None, allow_base_mismatch: bool,
           reuse: Mapping[str, nn.Module]) -> _Load:
+    """Read the folder, then plan the load on the model while the file's checksum is computed; a damaged file
+    is the error reported, whatever else planning found (as when the checksum was checked first)."""
     raw = peft.read_config(check_adapter_directory(directory))
-    tensors, metadata = _read_weights(directory / WEIGHTS_FILE)
+    tensors, metadata, verify = _read_weights_started(directory / WEIGHTS_FILE)
+    try:
+        load = _plan_model(model, directory, raw, tensors, metadata, adapter, allow_base_mismatch, reuse)
+    except BaseException:
+        try:
+            verify()
+        except LoraError as damaged:
+            raise damaged from None
+        raise
+    verify()
+    return load
+
+
+def _plan_model(model: nn.Module, directory: Path, raw: dict, tensors: dict, metadata: dict, adapter: str | None,
+                allow_base_mismatch: bool, reuse: Mapping[str, nn.Module]) -> _Load:
+    """The load of the file's adapter onto `model`, planned: every check, the new parts built off the model."""
     name = adapter if adapter is not None else metadata.get(META_ADAPTER, DEFAULT_ADAPTER)
     check_adapter_name(name)
     modules = candidate_modules(model)  # the one walk of the model: everything below reads this list
@@ -294,6 +317,14 @@ def check_adapter_directory(directory: str | os.PathLike) -> Path:
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The file's tensors and metadata, verified: finite values, and the checksum where lorakit wrote one."""
+    tensors, metadata, verify = _read_weights_started(path)
+    verify()
+    return tensors, metadata
+
+
+def _read_weights_started(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Callable[[], None]]:
+    """The file's tensors and metadata, their values checked finite, and a function that checks the checksum
+    (where lorakit wrote one), raising if it does not match: the hash is computed meanwhile, on another thread."""
     try:
         data = path.read_bytes()  # one read: the tensors and the metadata come from the same bytes
         tensors = safetensors.torch.load(data)
@@ -306,10 +337,13 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoraError(f"{path}: tensors hold NaN or Inf values: {', '.join(sorted(bad)[:5])}; "
                         "the adapter diverged in training: use an earlier checkpoint")
     checksum = metadata.get(META_CHECKSUM)
-    if checksum is not None and checksum != tensor_checksum(tensors):
-        raise LoraError(f"{path}: the tensor data does not match the checksum stored with it ({META_CHECKSUM}); "
-                        "the file was damaged after it was written: save the adapter again or restore a copy")
-    return tensors, metadata
+    digest = checksum_started(tensors) if checksum is not None else None
+
+    def verify() -> None:
+        if digest is not None and digest() != checksum:
+            raise LoraError(f"{path}: the tensor data does not match the checksum stored with it ({META_CHECKSUM}); "
+                            "the file was damaged after it was written: save the adapter again or restore a copy")
+    return tensors, metadata, verify
 
 
 def _header(data: bytes) -> dict:
@@ -359,7 +393,8 @@ def _check_fingerprint(modules: dict[str, nn.Module], paths: list[str], metadata
     bad = fingerprint_problems(saved, base_fingerprint(modules, paths), (trained_on, here))
     if not bad and trained_on != here:
         warnings.warn(f"{directory}: the adapter was trained on a {trained_on} base and this base is {here}: "
-                      "the same model, but outputs differ from training's by the two precisions' rounding", stacklevel=4)
+                      "the same model, but outputs differ from training's by the two precisions' rounding",
+                      stacklevel=5)  # the caller of load_adapter
     if bad:
         raise LoraError(
             f"{directory}: the adapter was trained on different base weights ({len(bad)} module(s) differ, "
