@@ -35,15 +35,9 @@ from ..core.precision import precision_of
 from ..errors import LoraError, problems_error
 from . import peft
 from .files import write_atomically
-<<<<<<< HEAD
-from .integrity import (base_fingerprint, fingerprint_problems, is_fingerprint, modules_precision, non_finite,
-                        tensor_checksum)
-from .peft import CONFIG_FILE, WEIGHTS_FILE
-=======
 from .integrity import (base_fingerprint, checksum_started, fingerprint_problems, is_fingerprint, modules_precision,
                         non_finite, tensor_checksum)
-from .peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE
->>>>>>> helper-l
+from .peft import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = "3"  # 3: tensor checksum, config read back; 2: sampled base fingerprint; 1: full fingerprint
 FINGERPRINT_VERSIONS = ("2", "3")  # versions whose fingerprints compare with this one's
