@@ -28,7 +28,7 @@ round by round. Each round (a) and (b) answer every request; (c) and (d) answer 
 r, r + rounds, ... (round r), so that over the rounds they answer (b)'s requests once, in (b)'s groups.
 
 Scaling: one server per count of registered adapters (1, 8, 32, 128), each --max-loaded 8, started
-together; rounds of 32 requests to each in turn, round-robin over its adapters (so 32 and 128 cycle
+together; rounds of 24 requests to each in turn, round-robin over its adapters (so 32 and 128 cycle
 through the cache): throughput, latencies, and from /metrics the cache misses and the adapter load
 histogram (`lorakit_adapter_load_seconds`). Its buckets are coarse below 10 ms, so the load path alone
 (AdapterCache.ensure of 128 adapters through 8 slots, twice round) is also timed exactly in this process.
@@ -86,7 +86,7 @@ class Settings:
     rounds: int = 3
     scaling: tuple[int, ...] = (1, 8, 32, 128)  # adapters registered
     scaling_max_loaded: int = 8
-    scaling_requests: int = 32  # per server per round
+    scaling_requests: int = 24  # per server per round
     scaling_rounds: int = 3
     load_path_cycles: int = 2  # times round the largest scaling count, in-process
     threads: int = 2  # torch threads of every server (OMP_NUM_THREADS) and of PEFT in this process
@@ -314,14 +314,15 @@ def warm_up(settings: Settings, url: str, model, tokenizer, requests: list[Reque
     """Every first call paid and every adapter loaded, untimed: (a) with all clients at once, whose median latency
     is the spread of the timed runs' first requests (unless settings give one), then (b), (c) and (d) once.
     Returns (the answerers, the spread)."""
-    warm = http(settings, url, [Job(settings.model, q.prompt) for q in requests[:settings.concurrency]], 0.0)
+    warm, stats = timed(lambda: http(settings, url, [Job(settings.model, q.prompt)
+                                                     for q in requests[:settings.concurrency]], 0.0), None, [])
     spread = settings.spread_s if settings.spread_s is not None else statistics.median(r.done - r.sent for r in warm)
-    log("run", phase="compare", variant="a", round=-1, spread_s=spread, **run_stats(warm))
+    log("run", phase="compare", variant="a", round=-1, spread_s=spread, **stats)
     answer = answerers(settings, url, model, tokenizer, spread)
     adapters = list(dict.fromkeys(q.adapter for q in requests))
     for variant, subset in (("b", requests[:len(adapters)]), ("c", requests[:1]),
                             ("d", [q for q in requests if q.adapter == adapters[0]])):
-        log("run", phase="compare", variant=variant, round=-1, **run_stats(answer[variant](subset)))
+        log("run", phase="compare", variant=variant, round=-1, **timed(lambda: answer[variant](subset), None, [])[1])
     return answer, spread
 
 
@@ -351,7 +352,7 @@ def compare(settings: Settings, folders: list[Path], pool: list[str], tokenizer,
                 bar.update(1)
     return {"variants": {v: summarise_runs(runs[v], kept[v]) for v in VARIANTS},
             "ratios": {f"{a}/{b}": ratio_stats(runs[a], runs[b])
-                       for a, b in (("b", "a"), ("b", "c"), ("b", "d"), ("d", "c"))},
+                       for a, b in (("b", "a"), ("c", "a"), ("d", "a"), ("b", "c"), ("b", "d"), ("d", "c"))},
             "requests": len(requests), "adapters": len(names), "spread_s": spread}
 
 

@@ -75,13 +75,14 @@ def latency_cells(s: dict) -> list[str]:
 def compare_table(compare: dict, settings: dict) -> str:
     variants, rows, label = compare["variants"], [], labels(settings)
     for name, s in variants.items():
-        ratio = variants[name]["throughput"] / variants["a"]["throughput"]
+        ratio = compare["ratios"][f"{name}/a"]["ratio"] if name != "a" else 1.0
         rounds = _rounds(s["rounds"], s["used"], 0)
         rows.append([label[name], f"{s['throughput']:.1f}", rounds, f"{ratio:.2f}x", *latency_cells(s),
                      f"{s['requests']}", f"{s['tokens']}", f"{100 * s['ran_to_limit']:.0f}%", f"{s['errors']}",
                      _others(s["others"])])
-    return table(["configuration", "tokens/s (median)", "rounds", "vs (a)", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
-                  "ITL p99 ms", "requests", "tokens", "ran to max_tokens", "errors", "other CPUs (max)"],
+    return table(["configuration", "tokens/s (median)", "rounds", "vs (a), median of rounds", "TTFT p50 ms",
+                  "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "requests", "tokens", "ran to max_tokens", "errors",
+                  "other CPUs (max)"],
                  rows, "lrrrrrrrrrrrr")
 
 
