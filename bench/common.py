@@ -2,6 +2,7 @@
 the rotating order of interleaved rounds, torch's thread count for a run, and the command-line main."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import subprocess
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Iterator
@@ -143,3 +145,25 @@ def command_line(argv: list[str], target: str, settings_from: Callable, run: Cal
     report.write_outputs(result, settings)
     print(f"records appended to {settings.out} (run {result['run']})")
     return result
+
+
+def model_options(parser: argparse.ArgumentParser, out: Path, outputs: str) -> None:
+    """The options bench/perf.py and bench/precision.py share: models, profiles, RESULTS.md, label, records file."""
+    parser.add_argument("--models", nargs="+", choices=("gpt2-small", "smollm2-135m"),
+                        help="models to measure (default: both)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiles")
+    parser.add_argument("--no-results-md", action="store_true", help=f"do not write bench/RESULTS.md or {outputs}")
+    parser.add_argument("--label", default="", help="note kept with the run, e.g. what else the machine runs")
+    parser.add_argument("--out", type=Path, default=out, help="JSON-lines file to append to")
+
+
+def narrowed(settings, args: argparse.Namespace):
+    """`settings` with model_options' choices applied: fewer models, no profiles, no RESULTS.md or chart."""
+    if args.models:
+        settings = replace(settings, cases=tuple(c for c in settings.cases if c.model in args.models))
+    if args.no_profile:
+        settings = replace(settings, profile=False, profile_out=None)
+    if args.no_results_md:
+        settings = replace(settings, results_md=None, plot=None)
+    return settings
+

@@ -40,7 +40,7 @@ import torch
 import lorakit as lk
 import perf_models as pm
 import perf_report
-from common import BENCH, Log, command_line, loadavg, machine, profile, rotated, torch_threads
+from common import BENCH, Log, command_line, loadavg, machine, model_options, narrowed, profile, rotated, torch_threads
 from perf_load import CLEAN_CPUS, Meter, QuietGate
 from perf_step import VARIANTS as TRAIN_VARIANTS, StepSpec, lockstep
 
@@ -516,12 +516,7 @@ def settings_from(argv: list[str] | None) -> Settings:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 repeats, 1 warm-up + 2 timed training steps, no profiles; "
                              "writes perf.jsonl only (not RESULTS.md or perf.png)")
-    parser.add_argument("--models", nargs="+", choices=("gpt2-small", "smollm2-135m"),
-                        help="models to measure (default: both)")
-    parser.add_argument("--no-profile", action="store_true", help="skip the profiles")
-    parser.add_argument("--no-results-md", action="store_true", help="do not write bench/RESULTS.md or perf.png")
-    parser.add_argument("--label", default="", help="note kept with the run, e.g. what else the machine runs")
-    parser.add_argument("--out", type=Path, default=Settings.out, help="JSON-lines file to append to")
+    model_options(parser, Settings.out, "perf.png")
     args = parser.parse_args(argv)
     settings = Settings(label=args.label, out=args.out)
     if args.quick:
@@ -529,13 +524,7 @@ def settings_from(argv: list[str] | None) -> Settings:
         settings = replace(settings, cases=tuple(replace(c, **quick) for c in settings.cases), infer_repeats=3,
                            merge_repeats=3, io_repeats=3, switch_repeats=11, profile=False, mode="quick", quiet_budget_s=60,
                            plot=None, profile_out=None, results_md=None)
-    if args.models:
-        settings = replace(settings, cases=tuple(c for c in settings.cases if c.model in args.models))
-    if args.no_profile:
-        settings = replace(settings, profile=False, profile_out=None)
-    if args.no_results_md:
-        settings = replace(settings, results_md=None, plot=None)
-    return settings
+    return narrowed(settings, args)
 
 
 def main(argv: list[str] | None = None) -> int:

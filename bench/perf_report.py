@@ -296,12 +296,18 @@ def body(result: dict) -> str:
         "an op, from creation until freed: activations kept for backward, gradients, temporaries; lorakit.training.plan's "
         "counter), measured after the timed rounds.",
     ]
+    return "\n".join(parts + model_parts(result, model_block, "one step or call", "perf_profile.txt"))
+
+
+def model_parts(result: dict, block, profiled: str, profile_file: str) -> list[str]:
+    """Each model's block (`block(name, summary)`), then the profiles' digest, as lines of a report body."""
+    parts = []
     for name, summary in result["models"].items():
-        parts += ["", model_block(name, summary)]
+        parts += ["", block(name, summary)]
     if result.get("profiles"):
-        parts += ["", "### Profiles (torch.profiler, one step or call; full tables in `bench/results/perf_profile.txt`)",
+        parts += ["", f"### Profiles (torch.profiler, {profiled}; full tables in `bench/results/{profile_file}`)",
                   "", profile_digest(result["profiles"])]
-    return "\n".join(parts)
+    return parts
 
 
 def load_text(load) -> str:
@@ -309,10 +315,16 @@ def load_text(load) -> str:
 
 
 def section(result: dict, notes: str) -> str:
-    plot = "\n\n![ratios](results/perf.png)" if result.get("plot") else ""
-    return (f"{HEADING}\n\n`make bench` runs `bench/perf.py`: every record in `bench/results/perf.jsonl`; "
-            f"the chart of ratios in `bench/results/perf.png`.{plot}\n\n{body(result)}\n\n"
-            f"{NOTES_BEGIN}\n{notes.strip()}\n{NOTES_END}\n")
+    return results_section(HEADING, "make bench", "perf", result, body(result), notes, (NOTES_BEGIN, NOTES_END))
+
+
+def results_section(heading: str, target: str, stem: str, result: dict, text: str, notes: str,
+                    markers: tuple[str, str]) -> str:
+    """A RESULTS.md section: heading, where the records and chart are, the body, then the kept notes."""
+    plot = f"\n\n![ratios](results/{stem}.png)" if result.get("plot") else ""
+    return (f"{heading}\n\n`{target}` runs `bench/{stem}.py`: every record in `bench/results/{stem}.jsonl`; "
+            f"the chart of ratios in `bench/results/{stem}.png`.{plot}\n\n{text}\n\n"
+            f"{markers[0]}\n{notes.strip()}\n{markers[1]}\n")
 
 
 def replace_section(text: str, new_section: str, heading: str = HEADING) -> str:
@@ -335,15 +347,22 @@ def existing_notes(text: str, begin: str = NOTES_BEGIN, end: str = NOTES_END, sc
 
 def write_outputs(result: dict, settings) -> None:
     """The chart, the profile text and the RESULTS.md section, each where settings say (None: skipped)."""
+    write_report(result, settings, plot, section, HEADING, (NOTES_BEGIN, NOTES_END), "bench/perf.py")
+
+
+def write_report(result: dict, settings, draw, make_section, heading: str, markers: tuple[str, str],
+                 script: str) -> None:
+    """A benchmark's outputs: `draw`'s chart, the profile text, and its RESULTS.md section (`make_section(result,
+    notes)`, the hand-written notes between `markers` kept), each where settings say (None: skipped)."""
     if settings.plot is not None:
-        plot(result, settings.plot)
+        draw(result, settings.plot)
         result["plot"] = str(settings.plot)
     if settings.profile_out is not None and result.get("profiles"):
         settings.profile_out.write_text(profile_text(result["profiles"]))
     if settings.results_md is not None:
         path = Path(settings.results_md)
         text = path.read_text() if path.exists() else ""
-        path.write_text(replace_section(text, section(result, existing_notes(text))))
+        path.write_text(replace_section(text, make_section(result, existing_notes(text, *markers, script)), heading))
 
 
 # --- the chart ----------------------------------------------------------------------------------------------

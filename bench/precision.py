@@ -38,7 +38,7 @@ from typing import Callable
 import perf
 import perf_models as pm
 import precision_report
-from common import BENCH, Log, command_line, loadavg, machine, torch_threads
+from common import BENCH, Log, command_line, loadavg, machine, model_options, narrowed, torch_threads
 from perf_load import QuietGate
 from perf_step import StepSpec
 
@@ -161,13 +161,8 @@ def settings_from(argv: list[str] | None) -> Settings:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 warm-up + 2 timed rounds, no profiles; writes precision.jsonl only "
                              "(not RESULTS.md or precision.png)")
-    parser.add_argument("--models", nargs="+", choices=("gpt2-small", "smollm2-135m"),
-                        help="models to measure (default: both)")
     parser.add_argument("--steps", type=int, help="timed rounds per model (default: 6)")
-    parser.add_argument("--no-profile", action="store_true", help="skip the profiled step")
-    parser.add_argument("--no-results-md", action="store_true", help="do not write bench/RESULTS.md or precision.png")
-    parser.add_argument("--label", default="", help="note kept with the run, e.g. what else the machine runs")
-    parser.add_argument("--out", type=Path, default=Settings.out, help="JSON-lines file to append to")
+    model_options(parser, Settings.out, "precision.png")
     args = parser.parse_args(argv)
     settings = Settings(label=args.label, out=args.out)
     if args.quick:
@@ -175,13 +170,7 @@ def settings_from(argv: list[str] | None) -> Settings:
                            profile=False, mode="quick", quiet_budget_s=60, plot=None, profile_out=None, results_md=None)
     if args.steps:
         settings = replace(settings, cases=tuple(replace(c, train_steps=args.steps) for c in settings.cases))
-    if args.models:
-        settings = replace(settings, cases=tuple(c for c in settings.cases if c.model in args.models))
-    if args.no_profile:
-        settings = replace(settings, profile=False, profile_out=None)
-    if args.no_results_md:
-        settings = replace(settings, results_md=None, plot=None)
-    return settings
+    return narrowed(settings, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import perf_models as pm
 from perf_load import CLEAN_CPUS
-from perf_report import (Target, at, bar_chart, code_line, existing_notes, load_text, machine_line, number,
-                         profile_digest, profile_text, ratio_range, replace_section, table)
+from perf_report import (Target, at, bar_chart, code_line, load_text, machine_line, model_parts, number,
+                         ratio_range, results_section, table, write_report)
 
 HEADING = "## Base precision: training on a bfloat16, int8 or nf4 base, lorakit vs PEFT"
 NOTES_BEGIN, NOTES_END = "<!-- precision-notes:begin -->", "<!-- precision-notes:end -->"
@@ -119,33 +119,17 @@ def body(result: dict) -> str:
         "PEFT and full: the model's `labels=` loss), backward, AdamW, with no autocast: each base computes in "
         "its own dtype (bitsandbytes' layers in bfloat16), the float32 adapters in float32.",
     ]
-    for name, summary in result["models"].items():
-        parts += ["", model_block(name, summary)]
-    if result.get("profiles"):
-        parts += ["", "### Profiles (torch.profiler, one step; full tables in `bench/results/precision_profile.txt`)",
-                  "", profile_digest(result["profiles"])]
-    return "\n".join(parts)
+    return "\n".join(parts + model_parts(result, model_block, "one step", "precision_profile.txt"))
 
 
 def section(result: dict, notes: str) -> str:
-    plot = "\n\n![ratios](results/precision.png)" if result.get("plot") else ""
-    return (f"{HEADING}\n\n`make bench-precision` runs `bench/precision.py`: every record in "
-            f"`bench/results/precision.jsonl`; the chart of ratios in `bench/results/precision.png`.{plot}\n\n"
-            f"{body(result)}\n\n{NOTES_BEGIN}\n{notes.strip()}\n{NOTES_END}\n")
+    return results_section(HEADING, "make bench-precision", "precision", result, body(result), notes,
+                           (NOTES_BEGIN, NOTES_END))
 
 
 def write_outputs(result: dict, settings) -> None:
     """The chart, the profile text and the RESULTS.md section, each where settings say (None: skipped)."""
-    if settings.plot is not None:
-        plot(result, settings.plot)
-        result["plot"] = str(settings.plot)
-    if settings.profile_out is not None and result.get("profiles"):
-        settings.profile_out.write_text(profile_text(result["profiles"]))
-    if settings.results_md is not None:
-        path = Path(settings.results_md)
-        text = path.read_text() if path.exists() else ""
-        notes = existing_notes(text, NOTES_BEGIN, NOTES_END, "bench/precision.py")
-        path.write_text(replace_section(text, section(result, notes), HEADING))
+    write_report(result, settings, plot, section, HEADING, (NOTES_BEGIN, NOTES_END), "bench/precision.py")
 
 
 # --- the chart ----------------------------------------------------------------------------------------------
