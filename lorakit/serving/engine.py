@@ -27,12 +27,13 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from ..core.adapters import disabled
 from ..core.mixed import Stacks, mixed_batch
 from ..errors import LoraError
 from ..training.batches import padding_id
+from . import kv_cache
 from .cache import AdapterCache
 
 _ids = itertools.count(1)
@@ -314,7 +315,7 @@ class Engine:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward([r.adapter for r in requests], input_ids=ids, attention_mask=mask,
-                            position_ids=positions, cache=_kv_cache(self.model, []))
+                            position_ids=positions, cache=kv_cache.new_cache(self.model))
         new = _Rows(list(requests), out.past_key_values, mask, mask.sum(-1), None)
         new.last = self._sample(out.logits[:, -1], requests)
         self._join(new)
@@ -396,12 +397,8 @@ class Engine:
             self._rows = new
             return
         width = max(rows.mask.shape[1], new.mask.shape[1])
-        old_layers, new_layers = _layers(rows.cache), _layers(new.cache)
-        merged = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
-                   torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
-                  for (k0, v0), (k1, v1) in zip(old_layers, new_layers)]
-        self._rows = _Rows(rows.requests + new.requests, _kv_cache(self.model, merged),
-                           torch.cat([_pad_left(rows.mask, width), _pad_left(new.mask, width)]),
+        self._rows = _Rows(rows.requests + new.requests, kv_cache.joined(self.model, rows.cache, new.cache, width),
+                           torch.cat([kv_cache.pad_left(rows.mask, width), kv_cache.pad_left(new.mask, width)]),
                            torch.cat([rows.lengths, new.lengths]), torch.cat([rows.last, new.last]))
 
     def _remove(self, gone: Sequence[int]) -> None:
@@ -414,9 +411,7 @@ class Engine:
         index = torch.tensor(keep, device=rows.mask.device)
         mask = rows.mask.index_select(0, index)
         start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
-        layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                  for k, v in _layers(rows.cache)]
-        self._rows = _Rows([rows.requests[i] for i in keep], _kv_cache(self.model, layers),
+        self._rows = _Rows([rows.requests[i] for i in keep], kv_cache.selected(self.model, rows.cache, index, start),
                            mask[:, start:], rows.lengths.index_select(0, index), rows.last.index_select(0, index))
 
 
@@ -446,60 +441,3 @@ def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-class _GrowingLayer(DynamicLayer):
-    """A full-attention layer's KV cache that appends into spare room (doubling when full) instead of
-    concatenating: a decode step writes one column rather than copying the whole cache."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self._room_k = self._room_v = None
-            self._length = 0
-        end = self._length + key_states.shape[-2]
-        if self._room_k is None or end > self._room_k.shape[-2]:
-            self._room_k, self._room_v = (_grown(room, fresh, self._length, max(2 * end, 64))
-                                          for room, fresh in ((self._room_k, key_states), (self._room_v, value_states)))
-        self._room_k[:, :, self._length:end] = key_states
-        self._room_v[:, :, self._length:end] = value_states
-        self._length = end
-        self.keys, self.values = self._room_k[:, :, :end], self._room_v[:, :, :end]  # (B, heads, T, head_dim) views
-        return self.keys, self.values
-
-
-def _grown(room: torch.Tensor | None, fresh: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
-    shape = list(fresh.shape)
-    shape[-2] = capacity
-    bigger = fresh.new_empty(shape)
-    if room is not None:
-        bigger[:, :, :length] = room[:, :, :length]
-    return bigger
-
-
-def _kv_cache(model: nn.Module, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A KV cache of growing full-attention layers, filled with `layers`' (keys, values) if given."""
-    kinds = set(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise LoraError(f"the model's attention layers are {sorted(kinds)}; the engine batches full-attention "
-                        "KV caches only (no sliding windows or linear attention)")
-    cache = DynamicCache()
-    cache.layers = [_GrowingLayer() for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)]
-    for layer, (keys, values) in zip(cache.layers, layers):
-        layer.update(keys, values)
-    return cache
-
-
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad the sequence dimension (dim 1 of a (B, T) mask, dim 2 of a (B, H, T, D) cache) on the left."""
-    dim = 1 if t.dim() == 2 else 2
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
