@@ -13,6 +13,7 @@ from .cache import AdapterCache
 from .engine import Observer, Request
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LOAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)  # around 10 ms
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -34,7 +35,7 @@ class ServeMetrics(Observer):
         self.latency = Histogram("lorakit_request_latency_seconds", "Arrival to last token",
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.adapter_load = Histogram("lorakit_adapter_load_seconds", "Adapter loads on first use (cache misses)",
-                                      buckets=LATENCY_BUCKETS, registry=registry)
+                                      buckets=LOAD_BUCKETS, registry=registry)
         if cache is not None:
             registry.register(_CacheCollector(cache))
 
