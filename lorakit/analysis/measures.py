@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import LoraError
 from ..core.inject import base_of, candidate_modules
 from ..io.adapter_files import read_factors
-from ..core.layers import layer_class_for, lora_layers
+from ..core.layers import DoraAdapter, layer_class_for, lora_layers
 from ..core.lowrank import delta_weight
 
 DIRECTIONS = 64  # subspaces are compared over at most this many top directions
@@ -38,7 +38,7 @@ class Update:
     basis: torch.Tensor  # (k, fan_in): its rows span the update's input subspace (A, or dW itself)
     weight: torch.Tensor | None  # (d_out, fan_in) float64: the frozen W0, if known
     rank: int  # r for LoRA; min(d_out, fan_in) for a full update
-    kind: str  # "lora" or "full"
+    kind: str  # "lora", "dora" (m * (W0 + dW) / ||W0 + dW|| - W0: not low-rank, its basis is itself) or "full"
 
 
 # --- where updates come from -----------------------------------------------------------------------------
@@ -60,8 +60,12 @@ def model_updates(model: nn.Module, adapter: str = "default") -> dict[str, Updat
             continue
         part = layer.adapters[adapter]
         A, B = part.A.double().cpu(), part.B.double().cpu()  # analysed on the CPU
-        delta = delta_weight(A, B, part.scale, layer.groups)
         weight = layer.as_update_matrix(layer.original_weight).double().cpu()
+        if isinstance(part, DoraAdapter):  # what merging adds: W0's rows rescaled too, so dW spans it
+            delta = layer.effective_delta(adapter).cpu()
+            updates[path] = Update(path, delta, delta, weight, A.shape[0], "dora")
+            continue
+        delta = delta_weight(A, B, part.scale, layer.groups)
         updates[path] = Update(path, delta, A.reshape(A.shape[0], -1), weight, A.shape[0], "lora")
     if not updates:
         raise LoraError(f"adapter={adapter!r}: the model holds no such adapter; load it first (lk.load_adapter)")
@@ -212,7 +216,7 @@ def analyze(updates: dict[str, Update], compare: dict[str, Update] | None = None
 
 
 def _default_rank(update: Update, other: Update | None) -> int:
-    if update.kind == "lora":
+    if update.kind in ("lora", "dora"):
         return update.rank
     return other.rank if other is not None and other.kind == "lora" else FULL_UPDATE_RANK
 

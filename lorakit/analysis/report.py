@@ -102,6 +102,8 @@ def _kind(updates: dict[str, Update]) -> str:
     ranks = sorted({u.rank for u in updates.values()})
     if first.kind == "full":
         return "full fine-tuning update (W_after - W_before)"
+    if first.kind == "dora":
+        return f"DoRA, rank {'/'.join(map(str, ranks))} (the merged update m * (W0 + dW) / ||W0 + dW|| - W0)"
     return f"LoRA, rank {'/'.join(map(str, ranks))}"
 
 

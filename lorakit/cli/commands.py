@@ -200,7 +200,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"adapter:      {info['directory']} ({made_by}, name {info['adapter'] or '-'})",
         f"task:         {info['task'] or '-'}" + (f"; labels: {', '.join(labels)}" if labels else ""),
         f"base model:   {info['base_model'] or '-'} (fingerprint {info['base_fingerprint'] or '-'})",
-        f"lora:         rank {c['rank']}, alpha {c['alpha']:g}, scale {info['scale']:g}{' (rslora)' if c['rslora'] else ''}, "
+        f"lora:         rank {c['rank']}, alpha {c['alpha']:g}, scale {info['scale']:g}{' (rslora)' if c['rslora'] else ''}"
+        f"{', DoRA (trained magnitude per output feature)' if c['dora'] else ''}, "
         f"dropout {c['dropout']:g}, bias {c['bias']}",
         f"targets:      {targets}",
     ]

@@ -23,7 +23,8 @@ def option(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """A LoRA adapter's hyper-parameters: dW = (alpha / rank) * B @ A on every targeted module.
+    """A LoRA adapter's hyper-parameters: dW = (alpha / rank) * B @ A on every targeted module
+    (with dora=True, W0 + dW is renormalised per output feature to a trained magnitude: core.layers.DoraAdapter).
 
     targets=None adapts the architecture's attention projections (core.targets.DEFAULT_TARGETS).
     rank_pattern / alpha_pattern map a target-style pattern to a per-module rank / alpha;
@@ -54,6 +55,8 @@ class LoraConfig:
     adapter_dtype: str = option("float32", "storage dtype of A and B and of their gradients and optimizer state; "
                                 "bfloat16 halves them (the low-rank path then computes in bfloat16)",
                                 choices=ADAPTER_DTYPES)
+    dora: bool = option(False, "DoRA (Liu et al., 2024): W' = m * (W0 + dW) / ||W0 + dW|| per output feature, with a "
+                               "trained magnitude m; Linear and Conv1D layers only")
 
     def __post_init__(self) -> None:
         # Normalise containers to tuples and read-only mappings, so a frozen config cannot be mutated.
@@ -100,6 +103,8 @@ class LoraConfig:
             p.append(f"init={self.init!r}: must be one of {', '.join(map(repr, INIT_MODES))}")
         if not isinstance(self.rslora, bool):
             p.append(f"rslora={self.rslora!r}: must be True or False")
+        if not isinstance(self.dora, bool):
+            p.append(f"dora={self.dora!r}: must be True or False")
         p += _pattern_problems("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v >= 1, "a positive integer")
         p += _pattern_problems("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0, "a positive number")
         return p
@@ -139,6 +144,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": list(self.modules_to_save),
             "adapter_dtype": self.adapter_dtype,
+            "dora": self.dora,
         }
 
 

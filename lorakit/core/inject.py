@@ -193,6 +193,9 @@ def _module_problems(path: str, module: nn.Module, config: LoraConfig) -> list[s
             f"targets: {path!r} is a {type(module).__name__}, which lorakit cannot adapt; "
             f"supported types: {supported_type_names()}. Target its linear sub-layers instead"
         ]
+    if config.dora and not cls.dora:
+        return [f"targets: {path!r} is a {type(module).__name__}; DoRA (dora=True) adapts Linear and Conv1D layers "
+                "only: exclude it (exclude=...) or train it without DoRA (dora=False)"]
     rank = config.rank_for(path)
     if cls is LoraConv and rank % module.groups:
         return [f"rank for {path!r} is {rank}, but the conv has groups={module.groups}: "

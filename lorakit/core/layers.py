@@ -3,6 +3,10 @@
     y = base(x) + scale * B(A(dropout(x)))        (unmerged; W0 + dW is never formed)
     y = base(x) with W0 <- W0 + dW                (merged; the base path only)
 
+A DoRA adapter (`DoraAdapter`, LoraConfig(dora=True)) adds a trained magnitude m per output feature:
+W' = m * (W0 + dW) / ||W0 + dW||, applied unmerged as g * (x W0^T + scale * B(A(x))) + bias with
+g = m / ||W0 + dW|| (the norm detached, as in the paper's section 4.3 and PEFT).
+
 Each adapter on a layer is one `LoraAdapter` module (its A, B, dropout, scale and config) held in
 the layer's `adapters` ModuleDict, so adapters of different ranks coexist, train independently,
 and can be stacked per example for mixed-adapter batches; a variant adds a field or a subclass.
@@ -19,8 +23,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .precision import dense_weight, guard_cpu_repacking_, is_quantized
-from .lowrank import (delta_weight, lowrank_conv, lowrank_embedding, lowrank_embedding_routed, lowrank_linear,
-                      lowrank_linear_routed)
+from .lowrank import (delta_weight, dora_norm, dora_output, dora_weight, lowrank_conv, lowrank_embedding,
+                      lowrank_embedding_routed, lowrank_linear, lowrank_linear_routed)
 
 _CREATION = itertools.count()  # a process-wide clock: adapters are listed in the order they were added
 
@@ -52,12 +56,12 @@ class LoraAdapter(nn.Module):
         dropout = self.dropout
         return 0.0 if isinstance(dropout, nn.Identity) else getattr(dropout, "p", 0.0)  # Identity: no failed lookup
 
-    def fits(self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], dropout: float, device: torch.device,
-             dtype: torch.dtype) -> bool:
-        """Whether this module, once its adapter is deleted, can be renewed as one of these shapes, dropout,
-        device and dtype."""
+    def fits(self, kind: type[LoraAdapter], shape_a: tuple[int, ...], shape_b: tuple[int, ...], dropout: float,
+             device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this module, once its adapter is deleted, can be renewed as a `kind` adapter (LoraAdapter or
+        DoraAdapter, exactly) of these shapes, dropout, device and dtype."""
         A, B = self.A, self.B
-        return (type(self) is LoraAdapter and A.shape == shape_a and B.shape == shape_b and self.dropout_p == dropout
+        return (type(self) is kind and A.shape == shape_a and B.shape == shape_b and self.dropout_p == dropout
                 and A.device == B.device == device and A.dtype == B.dtype == dtype)
 
     def renew_(self, scale: float, config: LoraConfig) -> LoraAdapter:
@@ -66,15 +70,58 @@ class LoraAdapter(nn.Module):
         # Plain attributes: set directly, as nn.Module.__init__ sets its own (Module.__setattr__'s checks for
         # parameters, modules and buffers cost microseconds each, and a cache renews 60 modules per load)
         vars(self).update(scale=scale, config=config, created=next(_CREATION))
-        for factor in (self.A, self.B):
+        for factor in self.trained():
             if not factor.requires_grad:
                 factor.requires_grad_(True)
             if factor.grad is not None:
                 factor.grad = None
         return self
 
+    def trained(self) -> tuple[nn.Parameter, ...]:
+        """The parameters a file holds and training updates: A and B."""
+        return self.A, self.B
+
+    def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The layer's output with this adapter, given the base's `result` on `x`."""
+        update = layer.lowrank(self.dropout(x), self.A, self.B, self.scale)
+        return result + update.to(result.dtype)
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
+
+
+class DoraAdapter(LoraAdapter):
+    """A DoRA adapter (Liu et al., 2024): W' = m * (W0 + dW) / ||W0 + dW||, the norm per output feature.
+
+    magnitude m: (d_out,), trained, in the adapter dtype; ||W0|| at creation, so a fresh adapter is a no-op.
+    Unmerged: y = g * (x W0^T + scale * B(A(x))) + bias, g = m / ||W0 + dW|| with the norm detached.
+    With adapter dropout in training, as PEFT: y = base(x) + (g - 1) * x_d W0^T + g * scale * B(A(x_d)).
+    """
+
+    def __init__(self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], scale: float, dropout: float,
+                 config: LoraConfig, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(shape_a, shape_b, scale, dropout, config, device, dtype)
+        self.magnitude = nn.Parameter(torch.ones(shape_b[0], device=device, dtype=dtype))
+
+    def trained(self) -> tuple[nn.Parameter, ...]:
+        return self.A, self.B, self.magnitude
+
+    def factor(self, layer: LoraLayer) -> torch.Tensor:
+        """g = m / ||W0 + dW|| (d_out,), the norm computed without a gradient."""
+        with torch.no_grad():
+            norm = dora_norm(layer.base_norms_sq(), layer.weight_times(self.A), self.A, self.B, self.scale)
+        return self.magnitude / norm
+
+    def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        base, factor = layer.base_layer, self.factor(layer)
+        if self.training and self.dropout_p > 0:
+            x = self.dropout(x)
+            dropped = base(x)  # the base path again, on the dropped input (PEFT's semantics)
+            dropped = dropped if base.bias is None else dropped - base.bias
+            update = layer.lowrank(x, self.A, self.B, self.scale).to(result.dtype)
+            return dora_output(result, update, factor, None, dropped)
+        update = layer.lowrank(x, self.A, self.B, self.scale).to(result.dtype)
+        return dora_output(result, update, factor, base.bias)
 
 
 class LoraLayer(nn.Module):
@@ -90,11 +137,13 @@ class LoraLayer(nn.Module):
         self.routing = None  # a mixed.Routing while inside lk.mixed_batch: one adapter per example
         # The exact pre-merge weight while merged: unmerge restores it bit for bit.
         self.register_buffer("base_backup", None, persistent=False)
+        self._base_sq = None  # DoRA: (weight, its _version, ||W0 row||^2), recomputed when W0 changes
         guard_cpu_repacking_(base_layer)  # a quantized base stays exactly what it was quantized to
         self.train(base_layer.training)
 
     # --- geometry, given by subclasses -------------------------------------------------------
     groups = 1
+    dora = False  # whether DoRA adapters work here (weight_times defined)
     lowrank_routed = None  # (x, A_stack, B_stack, index, scale) -> update; None: no mixed batches
     takes_dropout = True  # False where the input is not a float tensor (embedding indices)
 
@@ -106,6 +155,10 @@ class LoraLayer(nn.Module):
     def lowrank(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """scale * B(A(x)) for this layer type, without forming B @ A."""
         raise TypeError(f"{type(self).__name__} must define lowrank")
+
+    def weight_times(self, A: torch.Tensor) -> torch.Tensor:
+        """W0 @ A.T, (d_out, r), for DoRA's norm; A: (r, fan_in)."""
+        raise TypeError(f"{type(self).__name__} does not support DoRA")
 
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """(d_out, fan_in*k) float32 update -> the base weight's own layout."""
@@ -130,13 +183,14 @@ class LoraLayer(nn.Module):
         shape_a, shape_b = cls.adapter_shapes(base, rank)
         dropout = config.dropout if cls.takes_dropout else 0.0
         dtype, device, scale = getattr(torch, config.adapter_dtype), base.weight.device, config.scale_for(path)
-        if isinstance(reuse, LoraAdapter) and reuse.fits(shape_a, shape_b, dropout, device, dtype):
+        kind = DoraAdapter if config.dora else LoraAdapter
+        if isinstance(reuse, LoraAdapter) and reuse.fits(kind, shape_a, shape_b, dropout, device, dtype):
             adapter = reuse.renew_(scale, config)
         else:
-            adapter = LoraAdapter(shape_a, shape_b, scale, dropout, config, device, dtype)
-        if factors is not None:
-            adapter.A.detach().copy_(factors[0])  # detached: no autograd for the copy (as under no_grad)
-            adapter.B.detach().copy_(factors[1])
+            adapter = kind(shape_a, shape_b, scale, dropout, config, device, dtype)
+        if factors is not None:  # (A, B), and a DoRA adapter's magnitude
+            for param, value in zip(adapter.trained(), factors, strict=True):
+                param.detach().copy_(value)  # detached: no autograd for the copy (as under no_grad)
         else:
             with torch.no_grad():
                 adapter.B.zero_()  # a reused module's B holds its old values
@@ -144,7 +198,25 @@ class LoraLayer(nn.Module):
                 A = adapter.A if dtype == torch.float32 else torch.empty_like(adapter.A, dtype=torch.float32)
                 cls.init_A(A, config.init, rank)
                 adapter.A.copy_(A)
-        return adapter.train(base.training)  # an eval model stays eval
+                if config.dora:  # ||W0 + dW|| with B = 0, computed as the forward computes it: g = 1 exactly
+                    adapter.magnitude.copy_(cls.row_norms_sq(base).sqrt())
+        return adapter.train(base.training)
+
+    @classmethod
+    def row_norms_sq(cls, base: nn.Module) -> torch.Tensor:
+        """||W0_i||^2 per output feature, (d_out,), in float32 (float64 for a float64 weight)."""
+        weight = cls.as_update_matrix(dense_weight(base)).detach()
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        return (weight * weight).sum(1)
+
+    def base_norms_sq(self) -> torch.Tensor:
+        """row_norms_sq of this layer's base, kept while the base weight is the same tensor at the same version."""
+        weight, cached = self.base_layer.weight, self._base_sq
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+            with torch.no_grad():
+                cached = (weight, weight._version, self.row_norms_sq(self.base_layer))
+            vars(self)["_base_sq"] = cached  # a plain attribute (Module.__setattr__ is slow)
+        return cached[2]  # an eval model stays eval
 
     @staticmethod
     def init_A(A: torch.Tensor, init: str, rank: int) -> None:
@@ -196,9 +268,7 @@ class LoraLayer(nn.Module):
             return self.routing.apply(self, x, result)
         if not self.holds(self.active_adapter):
             return result
-        adapter = self.adapters[self.active_adapter]
-        update = self.lowrank(adapter.dropout(x), adapter.A, adapter.B, adapter.scale)
-        return result + update.to(result.dtype)
+        return self.adapters[self.active_adapter].output(self, x, result)
 
     # --- merge ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -234,7 +304,21 @@ class LoraLayer(nn.Module):
         weight = self.original_weight
         delta = self.delta_weight(name).to(weight.device)
         acc = torch.promote_types(weight.dtype, delta.dtype)
-        return (weight.to(acc) + delta.to(acc)).to(dtype or weight.dtype)
+        merged = weight.to(acc) + delta.to(acc)
+        adapter = self.adapters[name]
+        if isinstance(adapter, DoraAdapter):  # m * (W0 + dW) / ||W0 + dW||, per output feature
+            merged = self.to_weight_layout(dora_weight(self.as_update_matrix(merged), adapter.magnitude))
+        return merged.to(dtype or weight.dtype)
+
+    def effective_delta(self, name: str) -> torch.Tensor:
+        """What adapter `name` adds to W0 once merged, as the (d_out, fan_in*k) update matrix in float64:
+        dW for LoRA; m * (W0 + dW) / ||W0 + dW|| - W0 for DoRA (not low-rank: it rescales W0's rows)."""
+        weight = self.as_update_matrix(self.original_weight).double()
+        merged = weight + self.as_update_matrix(self.delta_weight(name).to(weight.device)).double()
+        adapter = self.adapters[name]
+        if isinstance(adapter, DoraAdapter):
+            merged = dora_weight(merged, adapter.magnitude)
+        return merged - weight
 
     @property
     def original_weight(self) -> torch.Tensor:
@@ -258,6 +342,7 @@ class LoraLinear(LoraLayer):
     """nn.Linear, weight (d_out, d_in): A (r, d_in), B (d_out, r)."""
 
     lowrank_routed = staticmethod(lowrank_linear_routed)
+    dora = True
 
     @classmethod
     def adapter_shapes(cls, base, rank):
@@ -265,6 +350,14 @@ class LoraLinear(LoraLayer):
 
     def lowrank(self, x, A, B, scale):
         return lowrank_linear(x, A, B, scale)
+
+    def weight_times(self, A):
+        base = self.base_layer
+        if is_quantized(base):  # the base itself on A's r rows, minus its bias: never dequantized
+            out = base(A)
+            return (out if base.bias is None else out - base.bias).t()
+        weight = base.weight
+        return weight @ A.to(weight.dtype).t()
 
     def to_weight_layout(self, delta):
         # (d_out, d_in) from the layer, not its weight: a quantized weight is stored packed.
@@ -275,6 +368,7 @@ class LoraConv1D(LoraLayer):
     """transformers' Conv1D (GPT-2), weight stored fan-in x fan-out: dW is transposed on merge."""
 
     lowrank_routed = staticmethod(lowrank_linear_routed)
+    dora = True
 
     @classmethod
     def adapter_shapes(cls, base, rank):
@@ -283,6 +377,10 @@ class LoraConv1D(LoraLayer):
 
     def lowrank(self, x, A, B, scale):
         return lowrank_linear(x, A, B, scale)
+
+    def weight_times(self, A):
+        weight = self.base_layer.weight  # (d_in, d_out)
+        return (A.to(weight.dtype) @ weight).t()
 
     def to_weight_layout(self, delta):
         return delta.t()

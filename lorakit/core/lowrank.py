@@ -146,3 +146,73 @@ def lowrank_embedding_routed(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     flat = ids.reshape(n, -1)  # (N, T)
     hidden = A.transpose(1, 2)[index[:, None], flat] * scale.to(A.dtype)[:, None, None]  # (N, T, r)
     return _up_projection(hidden, B.index_select(0, index), ids.shape, out)
+
+
+# --- DoRA (Liu et al., 2024): W' = m * (W0 + dW) / ||W0 + dW||, the norm per output feature -----------------
+def dora_norm(base_sq: torch.Tensor, cross: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """||W0 + scale * B @ A|| per output row, (d_out,), without forming B @ A:
+
+        ||W0_i||^2 + 2 scale <B_i, (W0 A^T)_i> + scale^2 <B_i, (B A A^T)_i>
+
+    base_sq: (d_out,) ||W0_i||^2, constant while W0 is; cross: (d_out, r) = W0 @ A.T. A (r, fan_in) and
+    B (d_out, r) as in delta_weight (groups = 1). Summed in float32 (float64 for float64 factors); a
+    rounding below zero is clamped before the square root.
+    """
+    acc = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    a, b = A.to(acc).reshape(A.shape[0], -1), B.to(acc).reshape(B.shape[0], -1)
+    gram = a @ a.t()  # (r, r)
+    sq = base_sq.to(acc) + (b * (2 * scale * cross.to(acc) + scale * scale * (b @ gram))).sum(1)
+    return sq.clamp_min(0).sqrt()
+
+
+def dora_weight(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """m * (W0 + dW) / ||W0 + dW|| for merged = W0 + dW as the (d_out, fan_in) update matrix, in merged's dtype."""
+    norm = torch.linalg.vector_norm(merged, dim=1, keepdim=True)
+    return (magnitude.to(merged.dtype)[:, None] / norm) * merged
+
+
+def dora_output(result: torch.Tensor, update: torch.Tensor, factor: torch.Tensor, bias: torch.Tensor | None,
+                dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """A DoRA layer's output from the base's (`result`, bias included) and the low-rank `update`, both
+    (..., d_out); `factor` g = m / ||W0 + dW|| (the norm detached), (d_out,) or broadcastable per example.
+
+        y = g * (result - bias + update) + bias              (= x W'^T + bias)
+        y = result + (g - 1) * dropped + g * update         (adapter dropout: as PEFT, `dropped` is
+                                                             x_dropped W0^T, the base path on the dropped input)
+    """
+    factor = factor.to(result.dtype)
+    if dropped is not None:
+        return result + (factor - 1) * dropped + factor * update
+    if torch.is_grad_enabled() and (result.requires_grad or update.requires_grad or factor.requires_grad):
+        return _DoraOutput.apply(result, update, factor, bias)
+    out = result + update
+    if bias is None:
+        return out.mul_(factor)
+    return out.sub_(bias).mul_(factor).add_(bias)
+
+
+class _DoraOutput(torch.autograd.Function):
+    """y = g * z + bias with z = result - bias + update, saving only z (for dg) and g:
+
+        d result = d update = g * dy;  dg = sum(dy * z) over tokens;  d bias = sum((1 - g) * dy)
+    """
+
+    @staticmethod
+    def forward(ctx, result, update, factor, bias):
+        z = result + update
+        if bias is not None:
+            z.sub_(bias)
+        ctx.save_for_backward(z if ctx.needs_input_grad[2] else None, factor)
+        ctx.has_bias = bias is not None
+        return z * factor if bias is None else torch.addcmul(bias, z, factor)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        z, factor = ctx.saved_tensors
+        need_result, need_update, need_factor, need_bias = ctx.needs_input_grad
+        grad_z = grad * factor if need_result or need_update or need_bias else None
+        grad_factor = (grad * z).sum_to_size(factor.shape) if need_factor else None
+        grad_bias = (grad - grad_z).sum_to_size(grad.shape[-1:]) if ctx.has_bias and need_bias else None
+        return (grad_z if need_result else None), (grad_z if need_update else None), grad_factor, grad_bias

@@ -29,7 +29,7 @@ from ..core.config import LoraConfig
 from ..core.identity import FOLLOWER_TYPES, active_adapter, adapter_config, check_adapter_name, followers
 from ..core.inject import (attach_, attach_settable, base_of, base_parameters, candidate_modules, check_not_merged,
                            new_parts, resolve)
-from ..core.layers import LoraLayer, layer_class_for
+from ..core.layers import DoraAdapter, LoraLayer, layer_class_for
 from ..core.modules_to_save import ModuleToSave
 from ..core.precision import precision_of
 from ..errors import LoraError, problems_error
@@ -117,14 +117,15 @@ def adapter_tensors(model: nn.Module, modules: peft.Modules,
                     adapter: str) -> tuple[dict[str, torch.Tensor], str | None, dict[str, nn.Module]]:
     """(PEFT key -> live tensor of adapter `adapter`, PEFT task_type, path -> module written in full).
 
-    The tensors are the model's own (not copied): A and B of every layer holding the adapter, each
-    module written in full, and the biases its bias mode trains.
+    The tensors are the model's own (not copied): A and B (and DoRA's magnitude) of every layer holding the
+    adapter, each module written in full, and the biases its bias mode trains.
     """
     tensors, paths, copies = {}, [], {}
     for path, module in modules:
         if isinstance(module, LoraLayer) and module.holds(adapter):
-            key_a, key_b = peft.factor_keys(type(module), path)
-            tensors[key_a], tensors[key_b] = module.adapters[adapter].A, module.adapters[adapter].B
+            part = module.adapters[adapter]
+            keys = peft.adapter_keys(type(module), path, isinstance(part, DoraAdapter))
+            tensors.update(zip(keys, part.trained(), strict=True))
             paths.append(path)
         elif isinstance(module, ModuleToSave) and module.holds(adapter):
             copies[path] = module.copies[adapter]
@@ -213,8 +214,8 @@ def _plan_model(model: nn.Module, directory: Path, raw: dict, tensors: dict, met
     _check_tensors(by_path, config, paths, saved, biases, tensors, directory)
     if not allow_base_mismatch:
         _check_fingerprint(by_path, paths, metadata, directory)
-    factors = {path: tuple(tensors[k] for k in peft.factor_keys(layer_class_for(base_of(by_path[path])), path))
-               for path in paths}
+    factors = {path: tuple(tensors[k] for k in peft.adapter_keys(layer_class_for(base_of(by_path[path])), path,
+                                                                 config.dora)) for path in paths}
     parts = new_parts(by_path, config, paths, saved, factors, reuse)
     with torch.no_grad():
         for path in saved:
@@ -354,8 +355,8 @@ def _check_tensors(modules: dict[str, nn.Module], config: LoraConfig, paths: lis
         base = base_of(modules[path])
         cls = layer_class_for(base)
         shape_a, shape_b = cls.adapter_shapes(base, config.rank_for(path))
-        key_a, key_b = peft.factor_keys(cls, path)
-        expected[key_a], expected[key_b] = tuple(shape_a), tuple(shape_b)
+        shapes = (tuple(shape_a), tuple(shape_b), (shape_b[0],))  # A, B, DoRA's magnitude
+        expected.update(zip(peft.adapter_keys(cls, path, config.dora), shapes))
     factors = set(expected)  # floating point; a copy's buffers may be integers
     for path in saved:
         state = base_of(modules[path]).state_dict()
@@ -412,6 +413,10 @@ def read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, 
     the update dW = scale * B @ A itself (lorakit.analysis). Paths are the file's own; A is
     (r, fan_in[, *kernel]), B (d_out, r[, *ones]), as stored."""
     raw, tensors, _ = read_adapter(directory)
+    if raw.get("use_dora"):
+        raise LoraError(f"{directory}: a DoRA adapter (use_dora=true): its update m * (W0 + dW) / ||W0 + dW|| - W0 "
+                        "depends on the base weights, which the folder does not hold; analyse it on the model it "
+                        "was trained on (`lorakit analyze ADAPTER --base MODEL`)")
     pairs = peft.factor_pairs(tensors, Path(directory) / WEIGHTS_FILE)
     config = peft.lorakit_config(raw, list(pairs), [])
     return {path: (tensors[a], tensors[b], config.scale_for(path)) for path, (a, b) in pairs.items()}
@@ -436,7 +441,7 @@ def adapter_info(directory: str | os.PathLike) -> dict:
         "config": {
             "rank": raw["r"], "alpha": raw.get("lora_alpha", 8), "targets": raw["target_modules"],
             "dropout": raw.get("lora_dropout", 0.0), "bias": raw.get("bias", "none"),
-            "rslora": bool(raw.get("use_rslora", False)),
+            "rslora": bool(raw.get("use_rslora", False)), "dora": bool(raw.get("use_dora", False)),
             "rank_pattern": raw.get("rank_pattern") or {}, "alpha_pattern": raw.get("alpha_pattern") or {},
         },
         "modules": sum(key.endswith((".lora_A.weight", ".lora_embedding_A")) for key in shapes),

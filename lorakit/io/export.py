@@ -23,8 +23,8 @@ export_adapter writes a copy within these rules where the math allows: each modu
 (its rank, its alpha, rslora) is folded into its B (B' = s_m * B), smaller ranks are zero-padded to
 the largest (exact: the added rows of A and columns of B are zero), and the config says one r with
 lora_alpha = r (scale 1). Modules saved in full, nonzero biases, and embedding or convolution
-adapters have no such form: export refuses them and says what to do instead. DoRA adapters never
-get this far: lorakit's reader refuses use_dora=true (io.peft.OFF_VALUES).
+adapters have no such form: export refuses them and says what to do instead. So are DoRA adapters
+(use_dora=true): their update rescales W0's rows, which no B @ A expresses.
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ class _Adapter:
     def other_keys(self) -> tuple[list[str], list[str]]:
         """(bias keys, keys of modules saved in full or unknown): every key that is no LoRA factor."""
         factors = {key for pair in self.pairs.values() for key in pair}
+        factors |= {peft.magnitude_key(p) for p in self.pairs if self.raw.get("use_dora")}  # DoRA's: _dora refuses
         rest = [key for key in self.tensors if key not in factors]
         saved = [key for key in rest if _in_saved_module(key, peft.save_names(self.raw))]
         trains_biases = self.raw.get("bias", "none") != "none"
@@ -103,6 +104,15 @@ def _in_saved_module(key: str, names: list[str]) -> bool:
 
 
 # --- the rules: each returns a Reason or None -------------------------------------------------------
+def _dora(adapter: _Adapter) -> Reason | None:
+    if not adapter.raw.get("use_dora"):
+        return None
+    text = ("use_dora=True: vLLM refuses DoRA adapters and LoRAX ignores their magnitude vectors "
+            "(lora_magnitude_vector); the update m * (W0 + dW) / ||W0 + dW|| rescales each row of W0, which no "
+            f"low-rank B @ A expresses. Export cannot fix this: {MERGE_INSTEAD}, or train without DoRA")
+    return Reason("use_dora", text, fixable=False)
+
+
 def _modules_saved_in_full(adapter: _Adapter) -> Reason | None:
     _, copies = adapter.other_keys()
     names = peft.save_names(adapter.raw)
@@ -185,7 +195,7 @@ def _listed(values: list) -> str:
     return ", ".join(f"{v:g}" for v in values)
 
 
-RULES = (_modules_saved_in_full, _biases, _layer_kinds, _ranks, _alphas)
+RULES = (_dora, _modules_saved_in_full, _biases, _layer_kinds, _ranks, _alphas)
 
 
 def _reasons(adapter: _Adapter) -> list[Reason]:
@@ -198,7 +208,7 @@ def servability(adapter_dir: str | os.PathLike, server: str = "vllm") -> list[Re
 
     Each Reason names the config field and value, and says whether export_adapter fixes it.
     Reads JSON and safetensors only (no pickle), without the base model; raises LoraError for a
-    folder lorakit cannot read (a DoRA adapter among them).
+    folder lorakit cannot read.
     """
     _check_server(server)
     return _reasons(_Adapter.read(Path(adapter_dir)))

@@ -52,6 +52,7 @@ READ_FIELDS = {
     "fan_in_fan_out": (_optional(bool), "true or false"),
     "bias": (lambda v: v in BIAS_MODES, " or ".join(map(repr, BIAS_MODES))),
     "use_rslora": (_optional(bool), "true or false"),
+    "use_dora": (_optional(bool), "true or false"),
     "rank_pattern": (lambda v: v is None or _patterns(v, lambda r: isinstance(r, int) and not isinstance(r, bool)
                                                    and r >= 1), "an object mapping a regex to a positive integer"),
     "alpha_pattern": (lambda v: v is None or _patterns(v, lambda a: _number(a) and a > 0),
@@ -74,7 +75,7 @@ READ_FIELDS = {
 OFF_VALUES = {
     "layers_to_transform": (None, []), "layers_pattern": (None, []),
     "megatron_config": (None,), "trainable_token_indices": (None,), "loftq_config": ({}, None),
-    "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,), "use_dora": (False,),
+    "eva_config": (None,), "corda_config": (None,), "lora_ga_config": (None,),
     "velora_config": (None,), "alora_invocation_tokens": (None,), "use_qalora": (False,),
     "monteclora_config": (None,), "layer_replication": (None,), "lora_bias": (False,),
     "target_parameters": (None, []), "use_bdlora": (None, False), "arrow_config": (None,),
@@ -143,7 +144,7 @@ def lorakit_config(raw: dict, paths: list[str], saved: list[str]) -> LoraConfig:
     try:
         return LoraConfig(
             rank=rank, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)), targets=tuple(paths),
-            bias=raw.get("bias", "none"), rslora=bool(raw.get("use_rslora")),
+            bias=raw.get("bias", "none"), rslora=bool(raw.get("use_rslora")), dora=bool(raw.get("use_dora")),
             init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "default",
             rank_pattern={p: r for p, r in ranks.items() if r != rank},
             alpha_pattern={p: a for p, a in alphas.items() if a != alpha}, modules_to_save=tuple(saved),
@@ -187,7 +188,7 @@ def config_json(config: LoraConfig, paths: list[str], targets: list[str], task: 
         "init_lora_weights": True if config.init == "default" else "gaussian",
         "inference_mode": True,
         "modules_to_save": saved or None,
-        "use_dora": False,
+        "use_dora": config.dora,
         "lora_bias": False,
     }
 
@@ -300,6 +301,16 @@ def factor_keys(layer_type: type[LoraLayer], path: str) -> tuple[str, str]:
     if issubclass(layer_type, LoraEmbedding):
         return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def magnitude_key(path: str) -> str:
+    """PEFT's key for a DoRA adapter's magnitude vector (d_out,) at `path`."""
+    return f"{PREFIX}{path}.lora_magnitude_vector"
+
+
+def adapter_keys(layer_type: type[LoraLayer], path: str, dora: bool) -> tuple[str, ...]:
+    """PEFT's keys for what an adapter holds at `path`, in LoraAdapter.trained() order: A, B (and DoRA's m)."""
+    return factor_keys(layer_type, path) + ((magnitude_key(path),) if dora else ())
 
 
 FACTOR_KEY = re.compile(rf"{re.escape(PREFIX)}(.+)\.lora_(A\.weight|embedding_A)")  # a key of A: (path, kind)
