@@ -32,3 +32,14 @@ def conv(x, W, b, A, B, s, stride=1, padding=0, dilation=1, groups=1):
     conv_nd = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[W.dim()]
     weight = W + update(A, B, s, groups).reshape(W.shape)
     return conv_nd(x, weight, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def dora_weight(W, A, B, s, m):
+    """DoRA (Liu et al., 2024, eq. 5 with sec. 4.3): W' = m * V / ||V||_c, V = W + s B A (W: (out, in)), the
+    norm per output row treated as a constant (no gradient through it)."""
+    V = W + update(A, B, s)
+    return m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True).detach()
+
+
+def dora_linear(x, W, b, A, B, s, m):
+    return x @ dora_weight(W, A, B, s, m).T + (0 if b is None else b)

@@ -5,7 +5,8 @@
 
 Each LoRA layer stacks the A and B of the adapters in the batch (zero-padding smaller ranks),
 gathers each example's pair and applies it with two batched matmuls: no Python loop over
-adapters, so K adapters cost about what one costs. Gradients reach each adapter only from its own
+adapters, so K adapters cost about what one costs. Where DoRA adapters are in the pool, each example's
+output is also scaled per feature by its adapter's g = m / ||W0 + dW|| (ones for plain adapters and None). Gradients reach each adapter only from its own
 examples. Modules to save (full copies, e.g. classifier heads) run once per adapter present.
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torch import nn
 
 from ..errors import LoraError
 from .identity import adapters, followers, merged_adapter, temporarily
-from .layers import LoraLayer, lora_layers
-from .lowrank import padded_to_rank
+from .layers import DoraAdapter, LoraLayer, lora_layers
+from .lowrank import dora_output, padded_to_rank
 from .modules_to_save import ModuleToSave
 
 
@@ -36,11 +37,14 @@ class Stacks:
         self._by_layer: dict[int, tuple] = {}  # id(layer) -> (params, (names, versions), entry)
 
     def get(self, layer: LoraLayer, pool: Sequence[str]):
-        """(A (K, r, ...), B (K, d_out, r), slot {name: k}, adapters) for the pool's adapters on `layer`, or None."""
+        """(A (K, r, ...), B (K, d_out, r), slot {name: k}, adapters, factors) for the pool's adapters on `layer`,
+        or None. factors: None without DoRA adapters, else (K + 1, d_out): each adapter's DoRA factor g (ones for
+        a plain adapter), then ones (for examples without an adapter)."""
         parts = [(n, layer.adapters[n]) for n in pool if layer.holds(n)]
         if not parts:
             return None
-        params = tuple(p for _, a in parts for p in (a.A, a.B))
+        dora = any(isinstance(a, DoraAdapter) for _, a in parts)
+        params = tuple(p for _, a in parts for p in a.trained()) + ((layer.base_layer.weight,) if dora else ())
         cacheable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
         key = (tuple(n for n, _ in parts), tuple(p._version for p in params)) if cacheable else None
         cached = self._by_layer.get(id(layer))
@@ -51,10 +55,18 @@ class Stacks:
         r_max = max(a.rank for a in adapters_)
         padded = [padded_to_rank(a.A, a.B, r_max) for a in adapters_]  # copies only where padded
         entry = (torch.stack([A for A, _ in padded]).to(dtype), torch.stack([B for _, B in padded]).to(dtype),
-                 {n: i for i, (n, _) in enumerate(parts)}, adapters_)
+                 {n: i for i, (n, _) in enumerate(parts)}, adapters_, _factors(layer, adapters_, dtype) if dora else None)
         if cacheable:
             self._by_layer[id(layer)] = (params, key, entry)
         return entry
+
+
+def _factors(layer: LoraLayer, parts: list, dtype: torch.dtype) -> torch.Tensor:
+    """(K + 1, d_out): each adapter's DoRA factor g (ones for a plain one), then ones; at least float32."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    ones = torch.ones(parts[0].B.shape[0], device=parts[0].B.device, dtype=dtype)
+    rows = [a.factor(layer).to(dtype) if isinstance(a, DoraAdapter) else ones for a in parts]
+    return torch.stack(rows + [ones])
 
 
 class Routing:
@@ -67,7 +79,7 @@ class Routing:
         self.present = [n for n in dict.fromkeys(names) if n is not None]
         self.pool = list(pool) if pool is not None else self.present
         self.stacks = stacks if stacks is not None else Stacks()
-        self._rows: dict[int, tuple] = {}  # layer -> (stacked A, index, scale, p) for these names
+        self._rows: dict[int, tuple] = {}  # layer -> (stacked A, index, scale, p, factor rows) for these names
 
     def check_batch(self, x: torch.Tensor) -> None:
         if x.shape[0] != len(self.names):
@@ -75,20 +87,22 @@ class Routing:
                             "give exactly one name (or None) per example")
 
     def tables(self, layer: LoraLayer, device: torch.device):
-        """(A (K, r, ...), B (K, d_out, r), index (N,), scale (N,), dropout p (N,)) or None."""
+        """(A (K, r, ...), B (K, d_out, r), index (N,), scale (N,), dropout p (N,), factors (K + 1, d_out) or None,
+        factor row (N,)) or None."""
         entry = self.stacks.get(layer, self.pool)
         if entry is None:
             return None
-        A, B, slot, parts = entry
+        A, B, slot, parts, factors = entry
         rows = self._rows.get(id(layer))
         if rows is not None and rows[0] is A:
-            return (A, B) + rows[1:]
+            return (A, B) + rows[1:4] + (factors, rows[4])
         index = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
         scale = torch.tensor([parts[slot[n]].scale if n in slot else 0.0 for n in self.names], dtype=A.dtype,
                              device=device)  # the adapter's dtype: float64 adapters keep a float64 scale
         p = torch.tensor([parts[slot[n]].dropout_p if n in slot else 0.0 for n in self.names], device=device)
-        self._rows[id(layer)] = (A, index, scale, p)
-        return A, B, index, scale, p
+        factor_row = torch.tensor([slot.get(n, len(parts)) for n in self.names], device=device)  # None: ones
+        self._rows[id(layer)] = (A, index, scale, p, factor_row)
+        return A, B, index, scale, p, factors, factor_row
 
     def apply(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + each example's own low-rank update."""
@@ -96,16 +110,33 @@ class Routing:
         tables = self.tables(layer, x.device)
         if tables is None:
             return result
-        A, B, index, scale, p = tables
-        if layer.training and bool(p.any()):  # each example's own adapter dropout
+        A, B, index, scale, p, factors, factor_row = tables
+        dropping = layer.training and bool(p.any())
+        if dropping:  # each example's own adapter dropout
             shape = (-1,) + (1,) * (x.dim() - 1)
             keep = 1.0 - p.view(shape)
             x = x * (torch.rand_like(x) < keep) / keep
+        if factors is not None:
+            return self._apply_dora(layer, x, result, tables, dropping)
         if not torch.is_grad_enabled() and result.dtype == A.dtype and result.is_contiguous():
             # Inference: add into the base output in place. A new activation-sized tensor plus a
             # separate add cost 2-25% of a GPT-2 Conv1D's own forward on CPU (bench/RESULTS.md).
             return layer.lowrank_routed(x, A, B, index, scale, out=result)
         return result + layer.lowrank_routed(x, A, B, index, scale).to(result.dtype)
+
+    @staticmethod
+    def _apply_dora(layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, tables: tuple,
+                    dropping: bool) -> torch.Tensor:
+        """Each example's g * (result - bias + its update) + bias (core.lowrank.dora_output); g = 1 for examples
+        of plain adapters or none. With dropout (x dropped), as DoraAdapter.output: the base again on x."""
+        A, B, index, scale, _, factors, factor_row = tables
+        update = layer.lowrank_routed(x, A, B, index, scale).to(result.dtype)
+        g = factors.index_select(0, factor_row).view(x.shape[0], *(1,) * (result.dim() - 2), -1)  # (N, 1.., d_out)
+        base = layer.base_layer
+        if not dropping:
+            return dora_output(result, update, g, base.bias)
+        dropped = base(x)
+        return dora_output(result, update, g, None, dropped if base.bias is None else dropped - base.bias)
 
     def apply_saved(self, wrapper: ModuleToSave, args: tuple, kwargs: dict):
         """Run each adapter's copy (or the original) on its own examples and reassemble the batch."""
