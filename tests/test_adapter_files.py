@@ -178,7 +178,7 @@ BAD_FILES = {
     "truncated": (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-40]), "corrupt or truncated"),
     "garbage": (lambda d: (d / WEIGHTS_FILE).write_bytes(b"\x00" * 64), "corrupt or truncated"),
     "unknown field": (lambda d: rewrite_config(d, lambda c: c.update(lora_magic=3)), "lora_magic=3: unknown field"),
-    "unsupported feature": (lambda d: rewrite_config(d, lambda c: c.update(use_dora=True)), "use_dora=True"),
+    "unsupported feature": (lambda d: rewrite_config(d, lambda c: c.update(lora_bias=True)), "lora_bias=True"),
     "bad json": (lambda d: (d / CONFIG_FILE).write_text("{not json"), "not valid JSON"),
     "bad rank": (lambda d: rewrite_config(d, lambda c: c.update(r=0)), "r=0"),
     "other peft type": (lambda d: rewrite_config(d, lambda c: c.update(peft_type="IA3")), "peft_type='IA3'"),

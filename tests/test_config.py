@@ -67,7 +67,7 @@ def test_defaults_are_valid_and_documented_values():
 
 
 DEFAULTS = dict(rank=8, alpha=16.0, dropout=0.0, targets=None, exclude=(), bias="none", init="default", rslora=False,
-                rank_pattern={}, alpha_pattern={}, modules_to_save=(), adapter_dtype="float32")
+                rank_pattern={}, alpha_pattern={}, modules_to_save=(), adapter_dtype="float32", dora=False)
 # Per module: (rank, alpha, scale), scale by the paper: alpha / rank, or alpha / sqrt(rank) with rslora.
 PLAIN = {"q_proj": (8, 16.0, 2.0), "b.x": (8, 16.0, 2.0)}
 BOTH = ["q_proj", "b.x"]  # what `adapt` adapts when the config names no targets
@@ -97,6 +97,7 @@ GOOD = [
     ({"targets": "all-linear"}, {"targets": ("all-linear",)}, PLAIN, (BOTH, [])),  # not the output head
     ({"targets": ["q_proj", "b.*"]}, {"targets": ("q_proj", "b.*")}, PLAIN, (BOTH, [])),
     ({"exclude": "b.x"}, {"exclude": ("b.x",)}, PLAIN, (["q_proj"], [])),
+    ({"dora": True}, {"dora": True}, PLAIN, (BOTH, [])),  # test_dora checks what it does
     ({"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"x": 0.5}},
      {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"x": 0.5}},
      {"q_proj": (2, 16.0, 8.0), "b.x": (8, 0.5, 0.0625), "lm_head": (8, 16.0, 2.0)}, (BOTH, [])),

@@ -244,7 +244,8 @@ def _written_config(model, modules, metadata: dict, exact: LoraConfig, paths: li
         written = LoraConfig(**json.loads(text)) if text is not None else None
         same = written is not None and resolve(model, written, modules) == (paths, saved) and \
             _same_scales(written, exact, paths) and \
-            (written.dropout, written.bias, written.init) == (exact.dropout, exact.bias, exact.init)
+            (written.dropout, written.bias, written.init, written.dora) == (exact.dropout, exact.bias, exact.init,
+                                                                            exact.dora)
     except (LoraError, TypeError, ValueError, AttributeError):  # not a config this version reads: PEFT's wins
         same = False
     return written if same else exact
