@@ -78,8 +78,20 @@ def require_bitsandbytes(dtype: str):
 
 
 # --- what a layer is -------------------------------------------------------------------------------------
+_STAND_INS: set[type] = set()  # layer types standing in for a quantized one on fake tensors: a `kind`, `dequantized()`
+
+
+def register_stand_in(cls: type) -> type:
+    """Have `cls` (training.plan_quantized's planner stand-in: attribute `kind`, method `dequantized()` giving the
+    dense (out, in) weight) count as quantized here, so that code reading a base's dense weight works on it."""
+    _STAND_INS.add(cls)
+    return cls
+
+
 def quantized_kind(module: nn.Module) -> str | None:
     """'nf4' / 'fp4' / 'int8' for a bitsandbytes quantized linear layer (lorakit's or the user's), else None."""
+    if type(module) in _STAND_INS:
+        return module.kind
     weight = getattr(module, "weight", None)
     kind = type(weight).__name__
     if kind == "Params4bit":
@@ -102,6 +114,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     kind = quantized_kind(module)
     if kind is None:
         return module.weight
+    if type(module) in _STAND_INS:
+        return module.dequantized()
     bnb = require_bitsandbytes(kind)
     weight = module.weight
     state = weight.quant_state if kind != "int8" else None

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.precision import BasePrecision, linear_weight
+from ..core.precision import BasePrecision, linear_weight, register_stand_in
 
 NF4_CODE = 16  # NF4's 16 levels, float32
 ABSMAX_CODE = 256  # double quantization's 8-bit code for the block scales, float32
@@ -60,6 +60,7 @@ def stored_bytes(out_features: int, in_features: int, precision: BasePrecision) 
                for shape, dtype in stored_tensors(out_features, in_features, precision).values())
 
 
+@register_stand_in
 class QuantizedStandIn(nn.Linear):
     """A bitsandbytes quantized linear layer's stand-in: its tensors shaped and typed as bitsandbytes
     stores them (`weight` packed, the scales as buffers), frozen; its forward and backward allocate what
@@ -68,7 +69,7 @@ class QuantizedStandIn(nn.Linear):
     def __init__(self, out_features: int, in_features: int, has_bias: bool, precision: BasePrecision) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype = precision.torch_dtype
+        self.compute_dtype, self.kind = precision.torch_dtype, precision.base_dtype
         self.scales = dequantization_scales(out_features, in_features, precision)
         self.keeps_input = precision.base_dtype == "int8"
         for name, (shape, dtype) in stored_tensors(out_features, in_features, precision).items():
