@@ -90,7 +90,8 @@ def test_full_fine_tuning_uses_the_same_loop(lm_dir, text_file, tmp_path):
     {"base": lk.BasePrecision(base_dtype="bfloat16")},
     {"base": lk.BasePrecision(base_dtype="nf4"), "grad_checkpointing": True},
     {"base": lk.BasePrecision(base_dtype="int8")},
-], ids=["plain", "dropout-accum-warmup", "bfloat16-base", "nf4-base-checkpointing", "int8-base"])
+    {"dora": True, "dropout": 0.1},
+], ids=["plain", "dropout-accum-warmup", "bfloat16-base", "nf4-base-checkpointing", "int8-base", "dora"])
 def test_resume_equals_uninterrupted_run(lm_dir, text_file, tmp_path, changes):
     whole = tmp_path / "whole"
     train(config(lm_dir, text_file, whole, steps=8, save_every=4, **changes))
@@ -107,6 +108,8 @@ def test_resume_equals_uninterrupted_run(lm_dir, text_file, tmp_path, changes):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
     moved = [key for key in expected if "lora_B" in key]
     assert moved and all(torch.count_nonzero(expected[key]) > 0 for key in moved)  # B starts at zero: it trained
+    magnitudes = [key for key in expected if key.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == (len(moved) if changes.get("dora") else 0)  # DoRA's magnitude trains and resumes too
 
 
 def test_checkpoint_holds_optimizer_scheduler_rng_and_data_position(lm_dir, text_file, tmp_path):
