@@ -48,7 +48,8 @@ RESULTS = BENCH / "results"
 INFER_VARIANTS = ("base", "lorakit", "lorakit merged", "peft", "peft merged")
 LIBRARIES = ("lorakit", "peft")
 PAIRS = (("lorakit", "full"), ("lorakit", "peft"), ("peft", "full"), ("lorakit", "floor"), ("peft", "floor"),
-         ("lorakit", "floor-chunked"))
+         ("lorakit", "floor-chunked"), ("lorakit-dora", "lorakit"), ("lorakit-dora", "peft-dora"),
+         ("peft-dora", "peft"))
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 logits; the libraries order their sums differently
 
 

@@ -75,10 +75,11 @@ def bitsandbytes_config(base: str) -> transformers.BitsAndBytesConfig:
 
 
 def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float,
-                random_b: bool = False, seed: int = 1) -> nn.Module:
-    """Inject a rank-`rank` adapter "default" in place; random_b: B ~ N(0, 0.02) so it changes the output."""
+                random_b: bool = False, seed: int = 1, dora: bool = False) -> nn.Module:
+    """Inject a rank-`rank` adapter "default" (DoRA with dora=True) in place; random_b: B ~ N(0, 0.02) so it
+    changes the output."""
     torch.manual_seed(seed)
-    lk.inject_(model, lk.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets))
+    lk.inject_(model, lk.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets, dora=dora))
     if random_b:
         with torch.no_grad():
             for _, layer in lk.lora_layers(model):
@@ -86,13 +87,13 @@ def add_lorakit(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
     return model
 
 
-def add_peft(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float):
-    """A trainable PEFT LoRA model around `model` (fresh adapter: B = 0), the same adapter as add_lorakit's;
-    GPT-2's Conv1D stores its weight transposed."""
+def add_peft(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, dora: bool = False):
+    """A trainable PEFT LoRA (or DoRA) model around `model` (fresh adapter: B = 0), the same adapter as
+    add_lorakit's; GPT-2's Conv1D stores its weight transposed."""
     import peft
 
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none",
-                             fan_in_fan_out=isinstance(model, transformers.GPT2PreTrainedModel))
+                             fan_in_fan_out=isinstance(model, transformers.GPT2PreTrainedModel), use_dora=dora)
     return peft.get_peft_model(model, config)
 
 

@@ -78,6 +78,8 @@ TARGETS = (
     Target("load + activate onto a plain model (wraps its layers)", 20.0, "ms", ("io", "cold load", "lorakit"), "median_ms"),
     Target("max abs(W - W0) after 100 bf16 merge/unmerge cycles", 0.0, "", ("precision", "lorakit"),
            "drift_after_cycles", exact=True),
+    Target("training step, lorakit DoRA / lorakit LoRA", 1.25, "x", ("training", "ratios", "step lorakit-dora/lorakit")),
+    Target("training step, lorakit DoRA / PEFT DoRA", 0.80, "x", ("training", "ratios", "step lorakit-dora/peft-dora")),
 )
 
 
@@ -133,7 +135,8 @@ def training_table(summary: dict) -> str:
     v = summary["training"]["variants"]
     names = {"full": "full fine-tuning", "peft": "PEFT LoRA", "lorakit": "lorakit LoRA",
              "floor": "floor: frozen model, backward to layer 0, no adapter",
-             "floor-chunked": "floor with lorakit's chunked loss"}
+             "floor-chunked": "floor with lorakit's chunked loss", "lorakit-dora": "lorakit DoRA",
+             "peft-dora": "PEFT DoRA"}
     rows = [[label, f"{v[k]['trainable']:,}", f"{v[k]['step_ms']:.0f}", f"{v[k]['min_ms']:.0f}", f"{v[k]['forward_ms']:.0f}",
              f"{v[k]['backward_ms']:.0f}", f"{v[k]['optimizer_ms']:.0f}", f"{v[k]['peak_rss_mb']:.0f}",
              f"{v[k]['rss_before_mb']:.0f}", f"{v[k]['added_mb']:.0f}", f"{v[k]['live_peak_mb']:.0f}"]
@@ -148,7 +151,10 @@ def training_ratio_table(summary: dict) -> str:
              f"{r[f'memory {pair}']['ratio']:.3f}x", f"{r[f'added {pair}']['ratio']:.3f}x", f"{r[f'live {pair}']['ratio']:.3f}x"]
             for pair, label in (("lorakit/full", "lorakit / full"), ("lorakit/peft", "lorakit / PEFT"),
                                 ("peft/full", "PEFT / full"), ("lorakit/floor", "lorakit / floor"),
-                                ("peft/floor", "PEFT / floor"), ("lorakit/floor-chunked", "lorakit / floor with lorakit's loss"))]
+                                ("peft/floor", "PEFT / floor"), ("lorakit/floor-chunked", "lorakit / floor with lorakit's loss"),
+                                ("lorakit-dora/lorakit", "lorakit DoRA / lorakit LoRA"),
+                                ("lorakit-dora/peft-dora", "lorakit DoRA / PEFT DoRA"),
+                                ("peft-dora/peft", "PEFT DoRA / PEFT LoRA"))]
     return table(["ratio", "step time: median of per-round ratios (range)", "best / best",
                    "process CPU time per step", "peak RSS", "added by training", "peak live tensors"], rows, "lrrrrrr")
 
@@ -377,6 +383,8 @@ CHART = (  # (label, where its statistics are in a model's summary), one bar eac
     ("train step: lorakit / PEFT", (*TRAINING, "step lorakit/peft")),
     ("train step: lorakit / floor (no adapter)", (*TRAINING, "step lorakit/floor")),
     ("train step: lorakit / floor, lorakit's loss", (*TRAINING, "step lorakit/floor-chunked")),
+    ("train step: lorakit DoRA / lorakit LoRA", (*TRAINING, "step lorakit-dora/lorakit")),
+    ("train step: lorakit DoRA / PEFT DoRA", (*TRAINING, "step lorakit-dora/peft-dora")),
     ("peak RSS: lorakit / full", (*TRAINING, "memory lorakit/full")),
     ("peak RSS: lorakit / PEFT", (*TRAINING, "memory lorakit/peft")),
     ("peak live tensors: lorakit / PEFT", (*TRAINING, "live lorakit/peft")),

@@ -1,5 +1,5 @@
-"""Training steps of one configuration (full fine-tuning, PEFT LoRA, lorakit LoRA or the no-adapter floor),
-in a process of its own.
+"""Training steps of one configuration (full fine-tuning, PEFT LoRA or DoRA, lorakit LoRA or DoRA, or the
+no-adapter floor), in a process of its own.
 
 bench/perf.py starts one process per configuration, all at once, and has them take turns one
 step at a time (the order rotating each round), so that a shared, noisy CPU slows every
@@ -58,9 +58,10 @@ from lorakit.training.plan_trace import LiveBytes
 from lorakit.training.train import summed_loss
 from perf_load import Meter, QuietGate
 
-CHUNKED_LOSS = ("lorakit", "floor-chunked")  # variants whose loss is lorakit train's (the others: labels=)
-VARIANTS = ("full", "peft", "lorakit", "floor", "floor-chunked")  # floors: the frozen model's own forward + backward,
-# no adapter, with transformers' loss and with lorakit's chunked loss
+CHUNKED_LOSS = ("lorakit", "lorakit-dora", "floor-chunked")  # variants whose loss is lorakit train's (others: labels=)
+VARIANTS = ("full", "peft", "lorakit", "floor", "floor-chunked", "lorakit-dora", "peft-dora")  # floors: the frozen
+# model's own forward + backward, no adapter, with transformers' loss and with lorakit's chunked loss; *-dora: the
+# same adapter as DoRA (Liu et al., 2024)
 
 
 @dataclass(frozen=True)
@@ -198,15 +199,15 @@ def prepare(spec: StepSpec) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     if spec.variant == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    elif spec.variant == "lorakit":
-        pm.add_lorakit(model, spec.targets, spec.rank, spec.alpha)
+    elif spec.variant in ("lorakit", "lorakit-dora"):
+        pm.add_lorakit(model, spec.targets, spec.rank, spec.alpha, dora=spec.variant == "lorakit-dora")
     elif spec.variant in ("floor", "floor-chunked"):
         # No weight trains, but the gradient flows back to the first layer's input, as it must for
         # adapters in every layer: the least any LoRA library's step can cost.
         model.requires_grad_(False)
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
     else:
-        model = pm.add_peft(model, spec.targets, spec.rank, spec.alpha)
+        model = pm.add_peft(model, spec.targets, spec.rank, spec.alpha, dora=spec.variant == "peft-dora")
     if spec.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -49,18 +49,19 @@ def test_forward_and_gradients_equal_the_papers_formula(kind):
         model = nn.Sequential(transformers.pytorch_utils.Conv1D(16, 24))
         nn.init.normal_(model[0].bias)
         weight = lambda base: base.weight.t()  # noqa: E731  (stored (in, out))
-    adapted(model, lk.LoraConfig(rank=4, alpha=8, targets=("0",), dora=True))
+    adapted(model, lk.LoraConfig(rank=4, alpha=8, targets=("0",), dora=True, bias="lora_only"))
     layer = model[0]
-    x = torch.randn(3, 5, 24)
+    x = torch.randn(3, 5, 24, requires_grad=True)
     y = model(x)
     y.square().sum().backward()
     A, B, m = reference_params(layer)
-    want = reference.dora_linear(x, weight(layer.base_layer).detach(), layer.base_layer.bias.detach(), A, B,
-                                 layer.adapters["default"].scale, m)
+    x_ref, b = x.detach().clone().requires_grad_(), layer.base_layer.bias.detach().clone().requires_grad_()
+    want = reference.dora_linear(x_ref, weight(layer.base_layer).detach(), b, A, B, layer.adapters["default"].scale, m)
     torch.testing.assert_close(y, want, **TOL)
     want.square().sum().backward()
     part = layer.adapters["default"]
-    for got, expected in ((part.A.grad, A.grad), (part.B.grad, B.grad), (part.magnitude.grad, m.grad)):
+    for got, expected in ((part.A.grad, A.grad), (part.B.grad, B.grad), (part.magnitude.grad, m.grad),
+                          (layer.base_layer.bias.grad, b.grad), (x.grad, x_ref.grad)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 

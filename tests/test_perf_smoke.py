@@ -65,6 +65,7 @@ def test_every_measurement_is_recorded(tiny_run):
     assert all(r["live_peak_mb"] * 2**20 >= 4 * r["trainable"] and r["live_after_forward_mb"] > 0 for r in train.values())
     assert train["full"]["live_peak_mb"] > train["lorakit"]["live_peak_mb"] > 0
     assert train["lorakit"]["trainable"] == train["peft"]["trainable"] < train["full"]["trainable"]
+    assert train["lorakit-dora"]["trainable"] == train["peft-dora"]["trainable"] > train["lorakit"]["trainable"]  # + m
     assert train["floor"]["trainable"] == train["floor-chunked"]["trainable"] == 0
     summary = result["models"]["gpt2-tiny"]["training"]
     assert summary["rounds"] == TINY.train_steps and not summary["isolated"]

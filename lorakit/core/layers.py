@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .precision import dense_weight, guard_cpu_repacking_, is_quantized
-from .lowrank import (delta_weight, dora_norm, dora_output, dora_weight, lowrank_conv, lowrank_embedding,
+from .lowrank import (delta_weight, dora_linear, dora_norm, dora_output, dora_weight, lowrank_conv, lowrank_embedding,
                       lowrank_embedding_routed, lowrank_linear, lowrank_linear_routed)
 
 _CREATION = itertools.count()  # a process-wide clock: adapters are listed in the order they were added
@@ -120,8 +120,7 @@ class DoraAdapter(LoraAdapter):
             dropped = dropped if base.bias is None else dropped - base.bias
             update = layer.lowrank(x, self.A, self.B, self.scale).to(result.dtype)
             return dora_output(result, update, factor, None, dropped)
-        update = layer.lowrank(x, self.A, self.B, self.scale).to(result.dtype)
-        return dora_output(result, update, factor, base.bias)
+        return dora_linear(x, self.A, self.B, self.scale, result, factor, base.bias)
 
 
 class LoraLayer(nn.Module):

@@ -216,3 +216,75 @@ class _DoraOutput(torch.autograd.Function):
         grad_factor = (grad * z).sum_to_size(factor.shape) if need_factor else None
         grad_bias = (grad - grad_z).sum_to_size(grad.shape[-1:]) if ctx.has_bias and need_bias else None
         return (grad_z if need_result else None), (grad_z if need_update else None), grad_factor, grad_bias
+
+
+def dora_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, result: torch.Tensor,
+                factor: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A DoRA linear layer's output g * (result - bias + scale * (x @ A.T) @ B.T) + bias, the low-rank path
+    included: x (..., d_in), result = the base's output (..., d_out) with its bias, factor g (d_out,).
+
+    Rearranged so that g costs no pass over the activations beyond the one LoRA's add makes:
+    y = g * result + scale * (x @ A.T) @ (g * B).T + (1 - g) * bias, the last two in one addmm.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, result, factor, bias)):
+        return _DoraLinear.apply(x, A, B, scale, result, factor, bias)
+    return _dora_linear_forward(x, A, B, scale, result, factor, bias)[2]
+
+
+def _dora_linear_forward(x, A, B, scale, result, factor, bias):
+    """(x in the compute dtype, hidden = x @ A.T (N, r), y (..., d_out) in result's dtype)."""
+    dtype = _compute_dtype(x, A)
+    x_c = x.to(dtype)
+    hidden = x_c.reshape(-1, x.shape[-1]) @ A.to(dtype).t()  # (N, r)
+    g = factor.to(dtype)
+    up = (B.to(dtype) * (g * scale)[:, None]).t()  # (r, d_out): scale and g folded into B
+    out = hidden @ up if bias is None else torch.addmm((1 - g) * bias.to(dtype), hidden, up)
+    out = out.to(result.dtype).addcmul_(result.reshape(out.shape), factor.to(result.dtype))
+    return x_c, hidden, out.reshape(result.shape)
+
+
+class _DoraLinear(torch.autograd.Function):
+    """dora_linear with a lean backward. Saved: x and hidden (as _LowRankLinear), the base's result (for dg).
+
+        dY_g = g * dY -> d result, and (x's part) scale * dY_g @ B @ A;   P = dY.T @ (scale * hidden)  (d_out, r)
+        dA = (scale * dY_g @ B).T @ x;   dB = g * P;   dg = sum(dY * result) + rowsum(P * B) - bias * sum(dY)
+        d bias (beyond the base's own) = (1 - g) * sum(dY)
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, scale, result, factor, bias):
+        x_c, hidden, out = _dora_linear_forward(x, A, B, scale, result, factor, bias)
+        need_x, need_A, need_B, _, need_result, need_factor, need_bias = ctx.needs_input_grad
+        ctx.save_for_backward(x_c if need_A else None, hidden if (need_B or need_factor) else None,
+                              result if need_factor else None, A, B, factor, bias)
+        ctx.scale, ctx.x_dtype = scale, x.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, hidden, result, A, B, factor, bias = ctx.saved_tensors
+        need_x, need_A, need_B, _, need_result, need_factor, need_bias = ctx.needs_input_grad
+        dtype = A.dtype if x is None else x.dtype
+        g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
+        f = factor.to(g.dtype)
+        grad_g = g * f
+        grads = dict.fromkeys(("x", "A", "B", "result", "factor", "bias"))
+        if need_result:
+            grads["result"] = grad_g.reshape(grad.shape)
+        if need_B or need_factor:
+            P = g.to(dtype).t() @ (hidden * ctx.scale)  # (d_out, r)
+            if need_B:
+                grads["B"] = (P * factor.to(dtype)[:, None]).to(B.dtype)
+        if need_factor:
+            dg = (g * result.reshape(g.shape)).sum(0).to(P.dtype) + (P * B.to(P.dtype)).sum(1)
+            grads["factor"] = (dg if bias is None else dg - bias.to(dg.dtype) * g.sum(0)).to(factor.dtype)
+        if need_bias:
+            grads["bias"] = ((1 - f) * g.sum(0)).to(bias.dtype)
+        if need_x or need_A:
+            g_hidden = (grad_g.to(dtype) @ B.to(dtype)) * ctx.scale  # (N, r)
+            if need_A:
+                grads["A"] = (g_hidden.t() @ x.reshape(-1, x.shape[-1])).to(A.dtype)
+            if need_x:
+                grads["x"] = (g_hidden @ A.to(dtype)).reshape(*grad.shape[:-1], A.shape[1]).to(ctx.x_dtype)
+        return grads["x"], grads["A"], grads["B"], None, grads["result"], grads["factor"], grads["bias"]
