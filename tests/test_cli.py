@@ -107,6 +107,7 @@ LORA_OPTIONS = [  # (options, the LoraConfig fields they give)
     (["--init", "gaussian"], {"init": "gaussian"}),
     (["--rslora"], {"rslora": True}),
     (["--rslora", "--no-rslora"], {"rslora": False}),
+    (["--dora"], {"dora": True}),
     (["--rank-pattern", "q_proj=16,v_proj=4"], {"rank_pattern": {"q_proj": 16, "v_proj": 4}}),
     (["--alpha-pattern", "*.layers.0.*=32"], {"alpha_pattern": {"*.layers.0.*": 32.0}}),
     (["--alpha-pattern", "q_proj=8, v_proj = 2.5"], {"alpha_pattern": {"q_proj": 8.0, "v_proj": 2.5}}),
@@ -310,7 +311,7 @@ def test_inspect_reports_the_adapter_from_its_header(lm):
         fingerprint = f.metadata()["lorakit_base_fingerprint"]
     assert info["config"] | {"targets": sorted(info["config"]["targets"])} == {
         "rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"], "dropout": 0.0, "bias": "none",
-        "rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+        "rslora": False, "dora": False, "rank_pattern": {}, "alpha_pattern": {}}
     assert info["modules"] == len(layers)
     assert info["parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert info["task"] == "causal-lm" and info["base_model"] == str(lm["model"]) and info["label_names"] is None
