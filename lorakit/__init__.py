@@ -16,6 +16,7 @@ from .core.mixed import mixed_batch
 from .core.modules_to_save import ModuleToSave, saved_modules
 from .core.params import parameter_counts
 from .core.precision import BASE_DTYPES, BasePrecision, precision_of
+from .training.lora_plus import lora_plus_groups
 from .zoo import BUNDLED, load_base, load_bundled, load_model
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "load_bundled",
     "load_model",
     "lora_layers",
+    "lora_plus_groups",
     "lora_scale",
     "merge_",
     "merge_dense_",

@@ -102,6 +102,7 @@ class _Flag(argparse.BooleanOptionalAction):
 OPTION_TYPES: dict[object, tuple[Callable[[str], object], str | None]] = {
     int: (int, "N"),
     float: (float, "X"),
+    float | None: (float, "X"),
     str: (str, None),
     str | None: (str, None),
     tuple[str, ...]: (names, "NAME,..."),
