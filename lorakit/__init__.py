@@ -1,5 +1,7 @@
 """lorakit: Low-Rank Adaptation for any PyTorch model, with lossless merge and PEFT-compatible files."""
 from .core.adapters import delete_adapter, disabled
+from .core.combine import CombineConfig
+from .core.combined import combine_adapters
 from .core.identity import active_adapter, adapter_config, adapter_paths, adapters, merged_adapter, set_active, use
 from .analysis.measures import (Update, adapter_updates, amplification, analyze, effective_rank, energy_rank, model_updates,
                        spectrum, subspace_similarity, weight_updates)
@@ -26,6 +28,7 @@ __all__ = [
     "BASE_DTYPES",
     "BUNDLED",
     "BasePrecision",
+    "CombineConfig",
     "LoraAdapter",
     "LoraConfig",
     "LoraError",
@@ -39,6 +42,7 @@ __all__ = [
     "adapter_updates",
     "adapters",
     "amplification",
+    "combine_adapters",
     "analyze",
     "delete_adapter",
     "delta_weight",
