@@ -396,3 +396,11 @@ def test_cli_combine_bad_pairs_and_existing_out(trained, tmp_path):
     code, _, err = run(["combine", "--model", str(model), f"{a}=1", f"{b}=1", "--method", "cat",
                         "--out", str(tmp_path / "full")])
     assert code == 2 and "already holds files" in err and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_cli_combine_help_lists_every_combine_option():
+    code, out, _ = run(["combine", "--help"])
+    flat = " ".join(out.split())
+    assert code == 0 and "DIR=WEIGHT" in flat and "lorakit combine --model smollm2-135m" in flat
+    for f in CombineConfig.__dataclass_fields__:
+        assert f"--{f.replace('_', '-')}" in flat
