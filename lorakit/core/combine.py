@@ -52,7 +52,7 @@ class CombineConfig:
     clamp: float | None = option(None, "svd methods: clamp the new A and B to this quantile of their values, in "
                                        "[0, 1] (PEFT's svd_clamp; default: no clamping)")
     full_matrices: bool = option(False, "svd methods: compute the full SVD, as PEFT does by default (the same "
-                                        "result, slower; huge for an embedding)")
+                                        "truncated result up to rounding; for an embedding, a vocab x vocab matrix)")
     driver: str | None = option(None, "svd methods on CUDA: cuSOLVER's driver (PEFT's svd_driver)",
                                 choices=SVD_DRIVERS)
 
