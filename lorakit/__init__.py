@@ -1,5 +1,7 @@
 """lorakit: Low-Rank Adaptation for any PyTorch model, with lossless merge and PEFT-compatible files."""
 from .core.adapters import delete_adapter, disabled
+from .core.combine import CombineConfig
+from .core.combined import combine_adapters
 from .core.identity import active_adapter, adapter_config, adapter_paths, adapters, merged_adapter, set_active, use
 from .analysis.measures import (Update, adapter_updates, amplification, analyze, effective_rank, energy_rank, model_updates,
                        spectrum, subspace_similarity, weight_updates)
@@ -16,6 +18,7 @@ from .core.mixed import mixed_batch
 from .core.modules_to_save import ModuleToSave, saved_modules
 from .core.params import parameter_counts
 from .core.precision import BASE_DTYPES, BasePrecision, precision_of
+from .training.lora_plus import lora_plus_groups
 from .zoo import BUNDLED, load_base, load_bundled, load_model
 
 __version__ = "0.1.0"
@@ -25,6 +28,7 @@ __all__ = [
     "BASE_DTYPES",
     "BUNDLED",
     "BasePrecision",
+    "CombineConfig",
     "DoraAdapter",
     "LoraAdapter",
     "LoraConfig",
@@ -39,6 +43,7 @@ __all__ = [
     "adapter_updates",
     "adapters",
     "amplification",
+    "combine_adapters",
     "analyze",
     "delete_adapter",
     "delta_weight",
@@ -52,6 +57,7 @@ __all__ = [
     "load_bundled",
     "load_model",
     "lora_layers",
+    "lora_plus_groups",
     "lora_scale",
     "merge_",
     "merge_dense_",

@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, generate, merge, inspect, export, analyze, plan, serve.
+"""The `lorakit` command line: train, eval, generate, merge, combine, inspect, export, analyze, plan, serve.
 
 `main` parses (parser.py) and runs the chosen command (commands.py). The options of `lorakit train`,
 `plan` and `analyze` are generated from TrainConfig's, PlanConfig's and AnalyzeConfig's fields, LoRA's

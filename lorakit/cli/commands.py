@@ -10,13 +10,14 @@ import torch
 
 from ..analysis.measures import by_group
 from ..analysis.report import AnalyzeConfig
+from ..core.combine import CombineConfig
 from ..core.precision import BasePrecision
 from ..core.lowrank import lora_scale
 from ..errors import LoraError
 from ..io.adapter_files import adapter_info
 from ..io.export import VLLM_MAX_LORA_RANKS, Reason, export_adapter, servability, vllm_max_lora_rank
 from ..serving.cache import AdapterCache
-from ..serving.inference import adapter_task, generate, load_for_inference, merge_to_folder
+from ..serving.inference import adapter_task, combine_to_folder, generate, load_for_inference, merge_to_folder
 from ..serving.prompts import load_prompts
 from ..serving.server import ServeConfig, serve
 from ..training.batches import padding_id
@@ -182,6 +183,21 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# --- combine ---------------------------------------------------------------------------------------------
+def run_combine(args: argparse.Namespace) -> int:
+    config = config_from_args(CombineConfig, args)
+    weights: dict[str, float] = {}
+    for directory, weight in args.adapters:
+        if directory in weights:
+            raise LoraError(f"adapters: {directory} is given twice; give each adapter once, with its weight")
+        weights[directory] = weight
+    out = combine_to_folder(args.model, weights, args.out, config, args.name, args.force)
+    info = adapter_info(out)
+    print(f"combined {len(weights)} adapters by {config.method}: {out} (rank {info['config']['rank']}, "
+          f"{info['modules']} modules, {_size(_folder_bytes(out))})")
+    return 0
 
 
 # --- inspect ---------------------------------------------------------------------------------------------

@@ -54,6 +54,18 @@ def named_adapter(text: str) -> tuple[str, str]:
     return name, existing_directory(directory)
 
 
+def weighted_adapter(text: str) -> tuple[str, float]:
+    """combine's DIR=WEIGHT: an adapter folder and its weight."""
+    directory, equals, weight = text.rpartition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = None
+    if not equals or value is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give DIR=WEIGHT, e.g. out/a/adapter=0.7")
+    return existing_directory(directory), value
+
+
 def names(text: str) -> tuple[str, ...]:
     """'q_proj,v_proj' -> ('q_proj', 'v_proj')."""
     items = split_names(text)
@@ -102,6 +114,8 @@ class _Flag(argparse.BooleanOptionalAction):
 OPTION_TYPES: dict[object, tuple[Callable[[str], object], str | None]] = {
     int: (int, "N"),
     float: (float, "X"),
+    float | None: (float, "X"),
+    int | None: (int, "N"),
     str: (str, None),
     str | None: (str, None),
     tuple[str, ...]: (names, "NAME,..."),

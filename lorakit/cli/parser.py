@@ -1,7 +1,7 @@
 """The `lorakit` argument parser: one subcommand per command, each with its help and an example.
 
-train, plan and analyze take their options from TrainConfig, PlanConfig (both with LoraConfig's
-fields) and AnalyzeConfig; eval, generate, merge, inspect and export spell theirs out here.
+train, plan, analyze and combine take their options from TrainConfig, PlanConfig (both with LoraConfig's
+fields), AnalyzeConfig and CombineConfig; eval, generate, merge, inspect and export spell theirs out here.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import dataclasses
 
 from .. import __version__
 from ..analysis.report import AnalyzeConfig
+from ..core.combine import CombineConfig
 from ..core.precision import BasePrecision
 from ..io.export import SERVERS
 from ..training.config import TrainConfig
@@ -18,13 +19,16 @@ from ..training import plan_memory
 from ..training.plan import PlanConfig
 from . import commands
 from ..serving.server import ServeConfig
-from .options import add_dataclass_options, adapter_option, existing_directory, existing_file, named_adapter
+from .options import (add_dataclass_options, adapter_option, existing_directory, existing_file, named_adapter,
+                      weighted_adapter)
 
 EXAMPLES = {
     "train": "lorakit train --model smollm2-135m --data data/kjv_sample.txt --steps 100 --out out/run",
     "eval": "lorakit eval --model smollm2-135m --adapter out/run/adapter --data data/kjv_sample.txt",
     "generate": 'lorakit generate --model smollm2-135m --adapter out/run/adapter --prompt "Who made the heaven?"',
     "merge": "lorakit merge --model smollm2-135m --adapter out/run/adapter --out out/merged",
+    "combine": "lorakit combine --model smollm2-135m out/a/adapter=0.7 out/b/adapter=0.3 --method svd --rank 16 "
+               "--out out/mix",
     "inspect": "lorakit inspect out/run/adapter",
     "export": "lorakit export out/run/adapter --for vllm --out out/run/adapter-vllm",
     "analyze": "lorakit analyze out/r8/adapter --compare out/r64/adapter --base minilm-l6 --out out/analysis",
@@ -32,7 +36,7 @@ EXAMPLES = {
     "plan": "lorakit plan --model smollm2-135m --rank 8 --targets q_proj,v_proj --batch 8 --seq 128",
 }
 ADAPTER_HELP = "adapter folder (adapter_config.json + adapter_model.safetensors)"
-DESCRIPTION = ("Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, inspect, export for "
+DESCRIPTION = ("Low-Rank Adaptation (LoRA): train adapters, evaluate, generate, merge, combine, inspect, export for "
                "vLLM/LoRAX, analyze, plan, serve.")
 
 
@@ -59,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(or each prompt with its own adapter)", commands.run_generate))
     _merge_options(command("merge", "fold an adapter into the base weights and save a plain transformers model "
                                     "folder", commands.run_merge))
+    combine = command("combine", "build one adapter from several (weighted): svd, cat, linear, ties, dare_linear, "
+                                 "dare_ties (PEFT's add_weighted_adapter methods), and save it", commands.run_combine)
+    combine.add_argument("adapters", nargs="+", type=weighted_adapter, metavar="DIR=WEIGHT",
+                         help="an adapter folder and its weight, e.g. out/a/adapter=0.7 (a negative weight subtracts)")
+    combine.add_argument("--model", required=True,
+                         help="bundled model name (smollm2-135m, minilm-l6) or a transformers model directory")
+    add_dataclass_options(combine, CombineConfig)
+    combine.add_argument("--name", default="combined", help="the new adapter's name, in its file (default: %(default)s)")
+    combine.add_argument("--out", required=True, help="folder to write (appears whole or not at all)")
+    combine.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     inspect = command("inspect", "describe an adapter folder: config, size, lorakit metadata, whether vLLM and "
                                  "LoRAX can serve it as is (reads no pickle)", commands.run_inspect)
     inspect.add_argument("adapter", type=existing_directory, metavar="ADAPTER", help=ADAPTER_HELP)

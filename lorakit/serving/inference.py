@@ -9,6 +9,8 @@ classifier gets a head with the right labels before the adapter's weights go in.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ from torch import nn
 from ..training.batches import padding_id
 from ..training.datasets import TASKS
 from ..errors import LoraError
-from ..io.adapter_files import adapter_info, load_adapter
+from ..core.combine import CombineConfig
+from ..core.combined import combine_adapters
+from ..io.adapter_files import adapter_info, load_adapter, save_adapter
 from ..io.files import check_out_folder, write_folder_atomically
 from ..core.merge import merge_dense_
 from ..core.precision import BasePrecision, requantize_
@@ -153,6 +157,29 @@ def merge_to_folder(model: str | os.PathLike, adapter: str | os.PathLike, out: s
 
     write_folder_atomically(out, write, force)
     return out, report
+
+
+def combine_to_folder(model: str | os.PathLike, weights: dict[str, float], out: str | os.PathLike,
+                      config: CombineConfig = CombineConfig(), name: str = "combined", force: bool = False) -> Path:
+    """Combine the adapter folders `weights` names (folder -> weight) on base `model` by `config` and save the
+    new adapter, in PEFT's layout, as `out` (written whole or not at all; replaced only with force=True)."""
+    out = check_out_folder(out, force)
+    tasks = {adapter_task(folder) for folder in weights}
+    if len(tasks) > 1:
+        raise LoraError(f"adapters: {', '.join(map(str, weights))} were trained for different tasks or labels "
+                        f"({sorted(t for t, _ in tasks)}); combine adapters of one task")
+    (task, labels), = tasks
+    loaded = load_for_inference(model, task=task, label_names=labels)
+    names = {}
+    for i, folder in enumerate(weights):
+        names[f"adapter_{i}"] = weights[folder]
+        load_adapter(loaded.model, folder, adapter=f"adapter_{i}")
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k != "method"}
+    combine_adapters(loaded.model, names, config.method, name, **options)
+    meta = {"lorakit_task": task, "lorakit_base_model": str(model)}
+    if labels:
+        meta["lorakit_label_names"] = json.dumps(list(labels))
+    return write_folder_atomically(out, lambda folder: save_adapter(loaded.model, folder, name, meta), force)
 
 
 def _check_merge_target(out, model, adapter, force: bool) -> Path:

@@ -73,6 +73,9 @@ def restore_trainable_(world: World, path: str | os.PathLike, model: nn.Module, 
     """Load a checkpoint's trainable weights and optimizer state into `model` and `optimizer`, each process
     its own shards, whatever number of processes wrote them; `groups`: the optimizer's hyperparameters
     (TrainingState.optimizer_groups). Every process calls it."""
+    if len(groups) != len(optimizer.param_groups):
+        raise LoraError(f"resume={str(path)!r}: the checkpoint's optimizer has {len(groups)} parameter group(s), this "
+                        f"run's {len(optimizer.param_groups)}; resume with the same options (e.g. --lora-plus-ratio)")
     folder = find_checkpoint(path)
     named = dict(_trainable(model))
     stored = HuggingFaceStorageReader(str(folder / TRAINABLE)).read_metadata().state_dict_metadata

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..core.config import LoraConfig, option
@@ -36,6 +37,9 @@ class TrainConfig:
     steps: int = option(100, "optimiser steps")
     lr: float = option(2e-4, "peak learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    lora_plus_ratio: float | None = option(
+        None, "LoRA+ (Hayou et al., 2024): B's learning rate is this many times lr (A's), e.g. 16; adapters on "
+              "embeddings train at 1e-6, as PEFT's LoRA+ does; default: off (one learning rate)")
     warmup: int = option(0, "linear warm-up steps")
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULES)
     batch_size: int = option(8, "examples per optimiser step, over all processes and accumulation steps")
@@ -91,10 +95,23 @@ class TrainConfig:
             p.append(f"eval_fraction={self.eval_fraction!r}: must be in [0, 1)")
         if not self.lr > 0:
             p.append(f"lr={self.lr!r}: must be positive, e.g. 2e-4 for LoRA, 2e-5 for full fine-tuning")
+        p += self._lora_plus_problems()
         if isinstance(self.batch_size, int) and isinstance(self.grad_accum, int) and self.grad_accum >= 1 \
                 and self.batch_size % self.grad_accum:
             p.append(f"grad_accum={self.grad_accum}: must divide batch_size={self.batch_size}")
         return p
+
+    def _lora_plus_problems(self) -> list[str]:
+        ratio = self.lora_plus_ratio
+        if ratio is None:
+            return []
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            return [f"lora_plus_ratio={ratio!r}: must be a positive number, e.g. 16 (B learns 16 times faster "
+                    "than A), or None for one learning rate"]
+        if self.full:
+            return [f"lora_plus_ratio={ratio!r} with full=True: LoRA+ sets the learning rate of LoRA's B factors, "
+                    "which full fine-tuning has none of; drop one of the two"]
+        return []
 
     def adapter_config(self, head: str | None) -> LoraConfig:
         """The LoraConfig to inject: `lora`, with a classifier's new `head` (if any) among its modules to save."""

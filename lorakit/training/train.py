@@ -31,6 +31,7 @@ from .checkpoint import (TrainingState, load_checkpoint, optimizer_groups, resto
 from .config import TrainConfig
 from .datasets import load_dataset, split_dataset
 from .distributed import World, all_reduce_sum, barrier, close_world, gather_rng, init_world, set_rng_state
+from .lora_plus import lora_plus_groups
 from .loss import summed_causal_lm_loss
 from .parallel import gradient_norm, parallelize, strategy_for
 
@@ -84,7 +85,7 @@ class _Run:
         self.parallel = parallelize(self.model, self.strategy, world)
         self.parallel.module.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP's sharded ones, if FSDP
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if cfg.batch_size % (world.size * cfg.grad_accum):
             raise LoraError(f"batch_size={cfg.batch_size}: must be a multiple of processes x grad_accum "
@@ -105,6 +106,14 @@ class _Run:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise LoraError(f"grad_checkpointing: {type(model).__name__} does not support it; drop the option")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _param_groups(self) -> list:
+        """What AdamW trains: the trainable tensors, in LoRA+'s groups with --lora-plus-ratio (the schedule
+        scales every group's lr alike)."""
+        cfg = self.cfg
+        if cfg.lora_plus_ratio is None:
+            return self.params
+        return lora_plus_groups(self.model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.cfg
@@ -230,6 +239,10 @@ class _Run:
 
     def _resume(self) -> None:
         state = load_checkpoint(self.cfg.resume)
+        saved_ratio = state.extra["config"].get("lora_plus_ratio")
+        if saved_ratio != self.cfg.lora_plus_ratio:  # its optimizer has other param groups, other learning rates
+            raise LoraError(f"lora_plus_ratio={self.cfg.lora_plus_ratio!r}: the checkpoint in {self.cfg.resume} was "
+                            f"trained with lora_plus_ratio={saved_ratio!r}; resume with the same value")
         restore_trainable_(self.world, self.cfg.resume, self.model, self.optimizer, state.optimizer_groups)
         self.scheduler.load_state_dict(state.scheduler)
         self.stream.load_state_dict(state.data)
