@@ -59,9 +59,9 @@ def model_updates(model: nn.Module, adapter: str = "default") -> dict[str, Updat
         if not layer.holds(adapter):
             continue
         part = layer.adapters[adapter]
-        A, B = part.A.double().cpu(), part.B.double().cpu()  # analysed on the CPU
+        A, B = (f.double().cpu() for f in part.plain_factors())  # analysed on the CPU; on the user's W0
         delta = delta_weight(A, B, part.scale, layer.groups)
-        weight = layer.as_update_matrix(layer.original_weight).double().cpu()
+        weight = layer.as_update_matrix(layer.user_weight).double().cpu()
         updates[path] = Update(path, delta, A.reshape(A.shape[0], -1), weight, A.shape[0], "lora")
     if not updates:
         raise LoraError(f"adapter={adapter!r}: the model holds no such adapter; load it first (lk.load_adapter)")

@@ -17,7 +17,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import RESIDUAL_INITS, LoraConfig
+from .init import plain_factors, principal_factors, residual_weight, restored_weight
 from .precision import dense_weight, guard_cpu_repacking_, is_quantized
 from .lowrank import (delta_weight, lowrank_conv, lowrank_embedding, lowrank_embedding_routed, lowrank_linear,
                       lowrank_linear_routed)
@@ -73,8 +74,33 @@ class LoraAdapter(nn.Module):
                 factor.grad = None
         return self
 
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the plain LoRA this adapter is on the user's base weight: its own."""
+        return self.A, self.B
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
+
+
+class ResidualAdapter(LoraAdapter):
+    """An adapter whose start was taken out of the base weight (init 'pissa' or 'olora', core.init).
+
+    A0, B0 (buffers, not saved in state dicts) are its initial A and B; while it is on a layer, the layer's base
+    weight holds W_res = W0 - scale * B0 @ A0, so the output starts equal to the base model's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("A0", None, persistent=False)
+        self.register_buffer("B0", None, persistent=False)
+
+    def keep_initial_(self) -> None:
+        """Remember A and B as they are now as the initial A0, B0."""
+        self.A0, self.B0 = self.A.detach().clone(), self.B.detach().clone()
+
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([A; A0], [B, -B0]): rank 2r, the same scale, on the original W0 (core.init.plain_factors)."""
+        return plain_factors(self.A, self.B, self.A0, self.B0)
 
 
 class LoraLayer(nn.Module):
@@ -130,13 +156,21 @@ class LoraLayer(nn.Module):
         shape_a, shape_b = cls.adapter_shapes(base, rank)
         dropout = config.dropout if cls.takes_dropout else 0.0
         dtype, device, scale = getattr(torch, config.adapter_dtype), base.weight.device, config.scale_for(path)
-        if isinstance(reuse, LoraAdapter) and reuse.fits(shape_a, shape_b, dropout, device, dtype):
+        residual = factors is None and config.init in RESIDUAL_INITS
+        if residual:  # A, B from W0 itself; the layer puts the residual in the base weight when attached (put)
+            assert cls in (LoraLinear, LoraConv1D), "core.inject refuses other layers for init pissa/olora"
+            factors = principal_factors(cls.as_update_matrix(dense_weight(base)), rank, scale, config.init,
+                                        config.init_niter)
+            adapter = ResidualAdapter(shape_a, shape_b, scale, dropout, config, device, dtype)
+        elif isinstance(reuse, LoraAdapter) and reuse.fits(shape_a, shape_b, dropout, device, dtype):
             adapter = reuse.renew_(scale, config)
         else:
             adapter = LoraAdapter(shape_a, shape_b, scale, dropout, config, device, dtype)
         if factors is not None:
             adapter.A.detach().copy_(factors[0])  # detached: no autograd for the copy (as under no_grad)
             adapter.B.detach().copy_(factors[1])
+            if residual:
+                adapter.keep_initial_()  # in the adapter's dtype: W_res + scale * B0 @ A0 is W0 to float32 rounding
         else:
             with torch.no_grad():
                 adapter.B.zero_()  # a reused module's B holds its old values
@@ -159,12 +193,45 @@ class LoraLayer(nn.Module):
         return name in self.adapters
 
     def put(self, name: str, adapter: LoraAdapter) -> None:
-        """Attach `adapter` as `name` (replacing any adapter of that name)."""
+        """Attach `adapter` as `name` (replacing any adapter of that name); a ResidualAdapter's start is taken
+        out of the base weight: W0 <- W_res."""
+        if isinstance(adapter, ResidualAdapter):
+            self._set_base_matrix(residual_weight(self.as_update_matrix(self.original_weight), adapter.A0,
+                                                  adapter.B0, adapter.scale))
         self.adapters[name] = adapter
 
     def drop(self, name: str) -> LoraAdapter:
-        """Remove adapter `name` (its A, B, dropout, scale and config) and return it."""
-        return self.adapters.pop(name)
+        """Remove adapter `name` (its A, B, dropout, scale and config) and return it; a ResidualAdapter's start
+        goes back into the base weight (W0 restored, core.init.restored_weight)."""
+        adapter = self.adapters.pop(name)
+        if isinstance(adapter, ResidualAdapter):
+            self._set_base_matrix(self.as_update_matrix(self.user_weight_with(adapter)))
+        return adapter
+
+    @torch.no_grad()
+    def _set_base_matrix(self, matrix: torch.Tensor) -> None:
+        """Write a (d_out, fan_in) matrix into the (unmerged, dense) base weight, in its own layout."""
+        assert self.merged_adapter is None and not is_quantized(self.base_layer)
+        weight = self.base_layer.weight
+        weight.copy_(self.to_weight_layout(matrix).to(weight.dtype))
+
+    @property
+    def residual(self) -> ResidualAdapter | None:
+        """The adapter whose start was taken out of the base weight, if this layer holds one."""
+        return next((a for a in self.adapters.values() if isinstance(a, ResidualAdapter)), None)
+
+    @property
+    def user_weight(self) -> torch.Tensor:
+        """The weight the user's model had here before lorakit changed it: original_weight, with the start a
+        residual-init adapter took out of it put back (to W_res's rounding: core.init.restored_weight)."""
+        return self.user_weight_with(self.residual)
+
+    def user_weight_with(self, adapter: ResidualAdapter | None) -> torch.Tensor:
+        weight = self.original_weight
+        if adapter is None:
+            return weight
+        restored = restored_weight(self.as_update_matrix(weight), adapter.A0, adapter.B0, adapter.scale)
+        return self.to_weight_layout(restored)
 
     @property
     def empty(self) -> bool:
@@ -190,15 +257,23 @@ class LoraLayer(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged_adapter is not None:
+        if self.merged_adapter is not None:
             return result
+        if self.disabled or (self.routing is None and not self.holds(self.active_adapter)):
+            return self._user_base(x, result)
         if self.routing is not None:
             return self.routing.apply(self, x, result)
-        if not self.holds(self.active_adapter):
-            return result
         adapter = self.adapters[self.active_adapter]
         update = self.lowrank(adapter.dropout(x), adapter.A, adapter.B, adapter.scale)
         return result + update.to(result.dtype)
+
+    def _user_base(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The user's base layer's output: `result` (the base path), plus the start a residual-init adapter took
+        out of the base weight (W_res x + scale * B0 A0 x = W0 x)."""
+        adapter = self.residual
+        if adapter is None:
+            return result
+        return result + self.lowrank(x, adapter.A0, adapter.B0, adapter.scale).to(result.dtype)
 
     # --- merge ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -219,13 +294,16 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def fold(self, name: str | None) -> nn.Module:
-        """The base layer with adapter `name` merged in for good (None: as it is now)."""
+        """The base layer with adapter `name` merged in for good (None: the user's, a residual-init adapter's
+        start put back)."""
         if self.merged_adapter is not None:
             self.base_backup = None
             self.merged_adapter = None
         elif name is not None and self.holds(name):
             assert not is_quantized(self.base_layer), "unload_ refuses quantized bases before it gets here"
             self.base_layer.weight.copy_(self.merged_weight(name))
+        elif self.residual is not None:
+            self.base_layer.weight.copy_(self.user_weight)
         return self.base_layer
 
     def merged_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
