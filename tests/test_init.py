@@ -16,8 +16,6 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 import tiny
-from lorakit.cli.options import config_from_args
-from lorakit.cli.parser import build_parser
 from lorakit.core.init import plain_config, principal_factors, restored_weight
 from lorakit.core.lowrank import delta_weight
 from lorakit.core.precision import convert_
@@ -152,6 +150,7 @@ def trained_pair(kind: str, init: str, tmp_path, **changes):
     ("gpt2", "pissa", {}), ("llama", "olora", {}), ("bert", "pissa", {}),
     ("llama", "pissa", {"rslora": True}), ("llama", "pissa", {"rank_pattern": {"v_proj": 2}}),
 ], ids=["gpt2-pissa", "llama-olora", "bert-pissa", "llama-rslora", "llama-rank-pattern"])
+@pytest.mark.filterwarnings("ignore:(PiSSA|OLoRA) changes the base weights")  # PEFT, converting: as meant
 def test_the_saved_file_is_peft_s_conversion_and_works_on_the_original_base(kind, init, changes, tmp_path):
     base, model, config, pm = trained_pair(kind, init, tmp_path, **changes)
     ids = ids_for(base)
@@ -320,7 +319,3 @@ def test_training_resumes_exactly_and_its_adapter_works_on_the_original_base(lm_
     torch.testing.assert_close(loaded, trained, **TOL)
     assert (trained - plain).abs().max() > EFFECT
 
-
-def test_the_cli_options_give_the_config():
-    args = build_parser().parse_args(["train", "--init", "pissa", "--init-niter", "4"])
-    assert config_from_args(TrainConfig, args).lora == lk.LoraConfig(init="pissa", init_niter=4)
