@@ -15,15 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit as lk
-import tiny
 from lorakit.core.init import plain_config, principal_factors, restored_weight
 from lorakit.core.lowrank import delta_weight
 from lorakit.core.precision import convert_
 from lorakit.io.adapter_files import read_adapter
-from lorakit.training.config import TrainConfig
 from lorakit.training.train import train
 from lorakit.zoo import load_task_model
 from test_peft_interop import MODELS, ids_for, output, randomise_trainable_
+from test_train import config as run_config, lm_dir, text_file  # noqa: F401 (fixtures)
 
 peft = pytest.importorskip("peft")
 
@@ -273,34 +272,16 @@ def test_init_niter_is_validated():
 
 
 # --- training end to end ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return tiny.causal_lm_dir(tmp_path_factory.mktemp("models") / "lm")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("\n\n".join(tiny.TEXT.strip().splitlines() * 6) + "\n")
-    return path
-
-
-def run_config(lm_dir, text_file, out, init, **changes) -> TrainConfig:
-    lora = lk.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"), init=init)
-    return TrainConfig(**{**dict(model=str(lm_dir), data=str(text_file), out=str(out), lora=lora, steps=6,
-                                 lr=5e-3, batch_size=4, max_length=16, eval_fraction=0.25, progress=False, seed=3),
-                          **changes})
-
-
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_training_resumes_exactly_and_its_adapter_works_on_the_original_base(lm_dir, text_file, tmp_path, init):
-    whole = train(run_config(lm_dir, text_file, tmp_path / "whole", init, save_every=3))
+    whole = train(run_config(lm_dir, text_file, tmp_path / "whole", init=init, rank=4, alpha=8, steps=6, save_every=3))
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-3", resumed_dir / "checkpoints" / "step-3")
     (resumed_dir / "checkpoints" / "latest").write_text("step-3\n")
     shutil.copy(tmp_path / "whole" / "log.jsonl", resumed_dir / "log.jsonl")
-    resumed = train(run_config(lm_dir, text_file, resumed_dir, init, save_every=3, resume=str(resumed_dir)))
+    resumed = train(run_config(lm_dir, text_file, resumed_dir, init=init, rank=4, alpha=8, steps=6, save_every=3,
+                                resume=str(resumed_dir)))
     # the same residual base (recomputed from the original weights) and the same adapter as the uninterrupted run
     for (path, ours), (_, theirs) in zip(lk.lora_layers(resumed.model), lk.lora_layers(whole.model)):
         assert torch.equal(ours.base_layer.weight, theirs.base_layer.weight), path
