@@ -167,10 +167,12 @@ def test_the_saved_file_is_peft_s_conversion_and_works_on_the_original_base(kind
     assert (raw_ours["r"], raw_ours["init_lora_weights"]) == (raw_theirs["r"], True) == (2 * config.rank, True)
     assert raw_ours["lora_alpha"] == pytest.approx(raw_theirs["lora_alpha"])
     assert {k.split(".")[-1]: v for k, v in raw_ours["rank_pattern"].items()} == raw_theirs["rank_pattern"]
-    # ... onto the original, untouched base: lorakit (the fingerprint accepts it) and PEFT give the trained outputs
-    fresh = copy.deepcopy(base)
-    lk.load_adapter(fresh, tmp_path / "ours")
-    torch.testing.assert_close(output(fresh, ids), trained, **TOL)
+    # ... onto the original, untouched base: lorakit (the fingerprint accepts ours; PEFT's file too) and PEFT give
+    # the trained outputs
+    for folder in ("ours", "peft"):
+        fresh = copy.deepcopy(base)
+        lk.load_adapter(fresh, tmp_path / folder)
+        torch.testing.assert_close(output(fresh, ids), trained, **TOL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
