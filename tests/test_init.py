@@ -206,6 +206,8 @@ def test_merge_unmerge_unload_and_delete(tmp_path):
     assert all(torch.equal(layer.base_layer.weight, residuals[p]) for p, layer in lk.lora_layers(model))
     with lk.disabled(model):  # the user's base, not the residual model
         torch.testing.assert_close(output(model, ids), output(base, ids), **TOL)
+    with lk.use(model, None):
+        torch.testing.assert_close(output(model, ids), output(base, ids), **TOL)
     deleted = copy.deepcopy(model)
     lk.delete_adapter(deleted, "default")
     unloaded = lk.unload_(copy.deepcopy(model), merge=False)
