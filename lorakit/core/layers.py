@@ -5,7 +5,8 @@
 
 Each adapter on a layer is one `LoraAdapter` module (its A, B, dropout, scale and config) held in
 the layer's `adapters` ModuleDict, so adapters of different ranks coexist, train independently,
-and can be stacked per example for mixed-adapter batches; a variant adds a field or a subclass.
+and can be stacked per example for mixed-adapter batches; a variant adds a field or a subclass
+(ResidualAdapter: PiSSA/OLoRA, whose start the layer takes out of its base weight while it holds it).
 Which layer types can be adapted is decided by the table `LAYER_TYPES`.
 """
 from __future__ import annotations
@@ -227,6 +228,7 @@ class LoraLayer(nn.Module):
         return self.user_weight_with(self.residual)
 
     def user_weight_with(self, adapter: ResidualAdapter | None) -> torch.Tensor:
+        """original_weight with `adapter`'s start (if any) put back, in the base weight's layout."""
         weight = self.original_weight
         if adapter is None:
             return weight
