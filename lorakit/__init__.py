@@ -11,7 +11,7 @@ from .errors import LoraError
 from .core.inject import inject_, resolve_modules_to_save, resolve_targets
 from .io.adapter_files import adapter_info, load_adapter, save_adapter
 from .io.export import export_adapter, servability
-from .core.layers import DoraAdapter, LoraAdapter, LoraLayer, lora_layers
+from .core.layers import DoraAdapter, LoraAdapter, LoraLayer, ResidualAdapter, lora_layers
 from .core.lowrank import delta_weight, lora_scale
 from .core.merge import merge_, merge_dense_, unload_, unmerge_
 from .core.mixed import mixed_batch
@@ -35,6 +35,7 @@ __all__ = [
     "LoraError",
     "LoraLayer",
     "ModuleToSave",
+    "ResidualAdapter",
     "Update",
     "active_adapter",
     "adapter_config",

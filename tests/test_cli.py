@@ -105,6 +105,7 @@ LORA_OPTIONS = [  # (options, the LoraConfig fields they give)
     (["--exclude", "layers.0.q_proj,lm_head"], {"exclude": ("layers.0.q_proj", "lm_head")}),
     (["--bias", "lora_only"], {"bias": "lora_only"}),
     (["--init", "gaussian"], {"init": "gaussian"}),
+    (["--init", "pissa", "--init-niter", "4"], {"init": "pissa", "init_niter": 4}),
     (["--rslora"], {"rslora": True}),
     (["--rslora", "--no-rslora"], {"rslora": False}),
     (["--dora"], {"dora": True}),

@@ -23,6 +23,7 @@ BAD_FIELDS = {
     "exclude": [("",), (None,)],
     "bias": ["some", "", None],
     "init": ["xavier", None],
+    "init_niter": [-1, 1.5, True],
     "rslora": ["yes", 1, None],
     "rank_pattern": [{"q_proj": 0}, {"q_proj": 1.5}, {3: 4}, ["q_proj"]],
     "alpha_pattern": [{"v_proj": -2}, {"v_proj": "x"}, ["v_proj"]],
@@ -66,8 +67,8 @@ def test_defaults_are_valid_and_documented_values():
     assert cfg.targets is None and cfg.exclude == ()  # None: the architecture's default (test_inject)
 
 
-DEFAULTS = dict(rank=8, alpha=16.0, dropout=0.0, targets=None, exclude=(), bias="none", init="default", rslora=False,
-                rank_pattern={}, alpha_pattern={}, modules_to_save=(), adapter_dtype="float32", dora=False)
+DEFAULTS = dict(rank=8, alpha=16.0, dropout=0.0, targets=None, exclude=(), bias="none", init="default", init_niter=0,
+                rslora=False, rank_pattern={}, alpha_pattern={}, modules_to_save=(), adapter_dtype="float32", dora=False)
 # Per module: (rank, alpha, scale), scale by the paper: alpha / rank, or alpha / sqrt(rank) with rslora.
 PLAIN = {"q_proj": (8, 16.0, 2.0), "b.x": (8, 16.0, 2.0)}
 BOTH = ["q_proj", "b.x"]  # what `adapt` adapts when the config names no targets
@@ -213,3 +214,10 @@ def test_config_pickles_and_copies():
         assert clone == cfg and clone.rank_for("x.a") == 2
         with pytest.raises(TypeError):
             clone.rank_pattern["c"] = 1
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_with_a_residual_init_is_refused_naming_both(init):
+    with pytest.raises(lk.LoraError, match=rf"dora=True with init='{init}'"):
+        lk.LoraConfig(dora=True, init=init)
+    assert lk.LoraConfig(dora=True, init="gaussian").dora  # the random inits combine with DoRA

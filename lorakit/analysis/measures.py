@@ -59,8 +59,8 @@ def model_updates(model: nn.Module, adapter: str = "default") -> dict[str, Updat
         if not layer.holds(adapter):
             continue
         part = layer.adapters[adapter]
-        A, B = part.A.double().cpu(), part.B.double().cpu()  # analysed on the CPU
-        weight = layer.as_update_matrix(layer.original_weight).double().cpu()
+        A, B = (f.double().cpu() for f in part.plain_factors())  # analysed on the CPU; on the user's W0
+        weight = layer.as_update_matrix(layer.user_weight).double().cpu()
         if isinstance(part, DoraAdapter):  # what merging adds: W0's rows rescaled too, so dW spans it
             delta = layer.effective_delta(adapter).cpu()
             updates[path] = Update(path, delta, delta, weight, A.shape[0], "dora")

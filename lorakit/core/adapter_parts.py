@@ -1,5 +1,6 @@
 """One adapter on one layer: `LoraAdapter` (its A, B, dropout, scale and config) and its DoRA variant
-`DoraAdapter` (plus a trained magnitude per output feature). core.layers holds them, one per adapter name.
+`DoraAdapter` (plus a trained magnitude per output feature) and `ResidualAdapter` (PiSSA/OLoRA: its start taken out
+of the base weight). core.layers holds them, one per adapter name.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .init import plain_factors
 from .lowrank import dora_linear, dora_norm, dora_output
 
 if TYPE_CHECKING:
@@ -70,6 +72,10 @@ class LoraAdapter(nn.Module):
         """The parameters a file holds and training updates: A and B."""
         return self.A, self.B
 
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the plain LoRA this adapter is on the user's base weight: its own."""
+        return self.A, self.B
+
     def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The layer's output with this adapter, given the base's `result` on `x`."""
         update = layer.lowrank(self.dropout(x), self.A, self.B, self.scale)
@@ -110,3 +116,24 @@ class DoraAdapter(LoraAdapter):
             update = layer.lowrank(x, self.A, self.B, self.scale).to(result.dtype)
             return dora_output(result, update, factor, None, dropped)
         return dora_linear(x, self.A, self.B, self.scale, result, factor, base.bias)
+
+
+class ResidualAdapter(LoraAdapter):
+    """An adapter whose start was taken out of the base weight (init 'pissa' or 'olora', core.init).
+
+    A0, B0 (buffers, not saved in state dicts) are its initial A and B; while it is on a layer, the layer's base
+    weight holds W_res = W0 - scale * B0 @ A0, so the output starts equal to the base model's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("A0", None, persistent=False)
+        self.register_buffer("B0", None, persistent=False)
+
+    def keep_initial_(self) -> None:
+        """Remember A and B as they are now as the initial A0, B0."""
+        self.A0, self.B0 = self.A.detach().clone(), self.B.detach().clone()
+
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([A; A0], [B, -B0]): rank 2r, the same scale, on the original W0 (core.init.plain_factors)."""
+        return plain_factors(self.A, self.B, self.A0, self.B0)

@@ -12,7 +12,8 @@ from .lowrank import lora_scale
 from .targets import ALL_LINEAR, path_matches
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian")
+INIT_MODES = ("default", "gaussian", "pissa", "olora")
+RESIDUAL_INITS = ("pissa", "olora")  # inits that take the adapter's start out of the base weight (core.init)
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,8 +43,13 @@ class LoraConfig:
                                           "or globs")
     bias: str = option("none", "biases that train: none, all, or lora_only (those of adapted modules)",
                        choices=BIAS_MODES)
-    init: str = option("default", "A's initialisation: default (Kaiming-uniform, like nn.Linear) or gaussian "
-                                  "(N(0, 1/rank)); B starts at zero", choices=INIT_MODES)
+    init: str = option("default", "how A and B start: default (A Kaiming-uniform, like nn.Linear) or gaussian "
+                                  "(A ~ N(0, 1/rank)), B zero; or pissa (W0's principal singular vectors) or olora "
+                                  "(QR of W0), whose start is taken out of the base weight (it holds the residual "
+                                  "while the adapter is on; saved files are a plain LoRA of rank 2r for the original "
+                                  "base): Linear and Conv1D layers, unquantized bases", choices=INIT_MODES)
+    init_niter: int = option(0, "init=pissa only: 0 computes the exact SVD; N > 0 a randomized SVD with N subspace "
+                                "iterations (torch.svd_lowrank; PEFT's pissa_niter_N), much faster on large weights")
     rslora: bool = option(False, "rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank")
     rank_pattern: Mapping[str, int] = field(default_factory=dict, metadata={
         "help": "per-module ranks, PATTERN=RANK,... (patterns like targets; the first match wins), e.g. q_proj=16"})
@@ -101,10 +107,19 @@ class LoraConfig:
             p.append(f"adapter_dtype={self.adapter_dtype!r}: must be one of {', '.join(map(repr, ADAPTER_DTYPES))}")
         if self.init not in INIT_MODES:
             p.append(f"init={self.init!r}: must be one of {', '.join(map(repr, INIT_MODES))}")
+        if not _is_int(self.init_niter) or self.init_niter < 0:
+            p.append(f"init_niter={self.init_niter!r}: must be an integer >= 0 (0: exact SVD), e.g. init_niter=4")
+        elif self.init_niter and self.init != "pissa":
+            p.append(f"init_niter={self.init_niter!r} with init={self.init!r}: only init='pissa' uses a randomized "
+                     "SVD; set init='pissa' or init_niter=0")
         if not isinstance(self.rslora, bool):
             p.append(f"rslora={self.rslora!r}: must be True or False")
         if not isinstance(self.dora, bool):
             p.append(f"dora={self.dora!r}: must be True or False")
+        elif self.dora and self.init in RESIDUAL_INITS:
+            p.append(f"dora=True with init={self.init!r}: lorakit does not start a DoRA adapter from W0's "
+                     "decomposition; use init='default' or 'gaussian' with dora, or dora=False with init="
+                     f"{self.init!r}")
         p += _pattern_problems("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v >= 1, "a positive integer")
         p += _pattern_problems("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0, "a positive number")
         return p
@@ -139,6 +154,7 @@ class LoraConfig:
             "exclude": list(self.exclude),
             "bias": self.bias,
             "init": self.init,
+            "init_niter": self.init_niter,
             "rslora": self.rslora,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ..errors import LoraError, problems_error
-from .config import LoraConfig
+from .config import RESIDUAL_INITS, LoraConfig
 from .identity import FOLLOWER_TYPES, adapters, check_adapter_name, modules_of, surface
-from .layers import LoraAdapter, LoraConv, LoraConv1D, LoraLayer, LoraLinear, layer_class_for, supported_type_names
+from .layers import (LoraAdapter, LoraConv, LoraConv1D, LoraLayer, LoraLinear, ResidualAdapter, layer_class_for,
+                     supported_type_names)
 from .modules_to_save import CONTAINERS, ModuleToSave, trainable_copy
 from .precision import is_quantized
 from .targets import ALL_LINEAR, default_targets, model_type, path_matches, paths_matching
@@ -200,6 +201,22 @@ def _module_problems(path: str, module: nn.Module, config: LoraConfig) -> list[s
     if cls is LoraConv and rank % module.groups:
         return [f"rank for {path!r} is {rank}, but the conv has groups={module.groups}: "
                 "the rank must be a multiple of groups (set rank_pattern for this module)"]
+    return _residual_init_problems(path, module, cls, rank, config.init) if config.init in RESIDUAL_INITS else []
+
+
+def _residual_init_problems(path: str, module: nn.Module, cls: type[LoraLayer], rank: int, init: str) -> list[str]:
+    """init pissa/olora rewrites the base weight from its SVD/QR: a dense Linear or Conv1D weight, rank <= its sides."""
+    if cls not in (LoraLinear, LoraConv1D):
+        return [f"init={init!r}: {path!r} is a {type(module).__name__}; PiSSA/OLoRA start adapters on Linear and "
+                "Conv1D layers only: exclude it, or use init='default'"]
+    if is_quantized(module):
+        return [f"init={init!r}: {path!r} is quantized; PiSSA/OLoRA replace the base weight by a residual, which "
+                "would have to be re-quantized: load the base in float32 or bfloat16 (base_dtype), or use "
+                "init='default'"]
+    sides = cls.as_update_matrix(module.weight).shape
+    if rank > min(sides):
+        return [f"init={init!r}: rank for {path!r} is {rank}, above the weight's smaller side {min(sides)} "
+                f"({sides[0]} x {sides[1]}); lower rank (or set rank_pattern for this module)"]
     return []
 
 
@@ -222,6 +239,7 @@ def inject_(model: nn.Module, config: LoraConfig, adapter: str = "default") -> l
                         f"or remove it first with lk.delete_adapter(model, {adapter!r})")
     modules = candidate_modules(model)
     check_not_merged(modules)
+    check_residual_alone(modules, config.init, adapter)
     paths, saved = resolve(model, config, modules)
     attach_(model, adapter, new_parts(dict(modules), config, paths, saved), config.bias, modules)
     return paths
@@ -231,6 +249,24 @@ def check_not_merged(modules: list[tuple[str, nn.Module]]) -> None:
     """`modules` (candidate_modules(model)) hold no merged adapter."""
     if any(isinstance(m, LoraLayer) and m.merged_adapter is not None for _, m in modules):
         raise LoraError("model is merged; call lk.unmerge_(model) before adding or replacing an adapter")
+
+
+def check_residual_alone(modules: list[tuple[str, nn.Module]], init: str, adapter: str) -> None:
+    """An adapter whose init took its start out of the base weights (pissa, olora) is the model's only adapter:
+    any other would be trained on, or applied to, the residual instead of the user's weights."""
+    held = {name: part for _, m in modules if isinstance(m, LoraLayer) for name, part in m.adapters.items()}
+    residual = next((name for name, part in held.items() if isinstance(part, ResidualAdapter)), None)
+    if residual is not None:
+        raise LoraError(f"adapter={adapter!r}: the model holds adapter {residual!r} (init="
+                        f"{held[residual].config.init!r}), whose layers' base weights hold the residual W0 - "
+                        "scale * B0 @ A0, not the model's own; another adapter would see the wrong weights. Save it "
+                        f"(lk.save_adapter writes a plain LoRA for the original base) and lk.delete_adapter(model, "
+                        f"{residual!r}) (which puts W0 back) before adding another")
+    others = sorted({n for _, m in modules if isinstance(m, FOLLOWER_TYPES) for n in m.parts})
+    if init in RESIDUAL_INITS and others:
+        raise LoraError(f"init={init!r}: the model already holds adapter(s) {others!r}; PiSSA/OLoRA replace base "
+                        "weights by a residual, which those would then see. Inject it into a model without "
+                        "adapters, or use init='default'")
 
 
 def new_parts(modules: dict[str, nn.Module], config: LoraConfig, paths: list[str], saved: list[str],

@@ -9,7 +9,8 @@ g = m / ||W0 + dW|| (the norm detached, as in the paper's section 4.3 and PEFT).
 
 Each adapter on a layer is one `LoraAdapter` module (core.adapter_parts: its A, B, dropout, scale, config) held in
 the layer's `adapters` ModuleDict, so adapters of different ranks coexist, train independently,
-and can be stacked per example for mixed-adapter batches; a variant adds a field or a subclass.
+and can be stacked per example for mixed-adapter batches; a variant adds a field or a subclass
+(ResidualAdapter: PiSSA/OLoRA, whose start the layer takes out of its base weight while it holds it).
 Which layer types can be adapted is decided by the table `LAYER_TYPES`.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapter_parts import DoraAdapter, LoraAdapter
-from .config import LoraConfig
+from .adapter_parts import DoraAdapter, LoraAdapter, ResidualAdapter
+from .config import RESIDUAL_INITS, LoraConfig
+from .init import principal_factors, residual_weight, restored_weight
 from .lowrank import (delta_weight, dora_weight, lowrank_conv, lowrank_embedding, lowrank_embedding_routed,
                       lowrank_linear, lowrank_linear_routed)
 from .precision import dense_weight, guard_cpu_repacking_, is_quantized
@@ -86,7 +88,14 @@ class LoraLayer(nn.Module):
         shape_a, shape_b = cls.adapter_shapes(base, rank)
         dropout = config.dropout if cls.takes_dropout else 0.0
         dtype, device, scale = getattr(torch, config.adapter_dtype), base.weight.device, config.scale_for(path)
-        kind = DoraAdapter if config.dora else LoraAdapter
+        residual = factors is None and config.init in RESIDUAL_INITS
+        if residual:  # A, B from W0 itself; the layer puts the residual in the base weight when attached (put)
+            assert cls in (LoraLinear, LoraConv1D), "core.inject refuses other layers for init pissa/olora"
+            factors = principal_factors(cls.as_update_matrix(dense_weight(base)), rank, scale, config.init,
+                                        config.init_niter)
+            kind = ResidualAdapter
+        else:
+            kind = DoraAdapter if config.dora else LoraAdapter
         if isinstance(reuse, LoraAdapter) and reuse.fits(kind, shape_a, shape_b, dropout, device, dtype):
             adapter = reuse.renew_(scale, config)
         else:
@@ -94,6 +103,8 @@ class LoraLayer(nn.Module):
         if factors is not None:  # (A, B), and a DoRA adapter's magnitude
             for param, value in zip(adapter.trained(), factors, strict=True):
                 param.detach().copy_(value)  # detached: no autograd for the copy (as under no_grad)
+            if residual:
+                adapter.keep_initial_()  # in the adapter's dtype: W_res + scale * B0 @ A0 is W0 to float32 rounding
         else:
             with torch.no_grad():
                 adapter.B.zero_()  # a reused module's B holds its old values
@@ -103,7 +114,7 @@ class LoraLayer(nn.Module):
                 adapter.A.copy_(A)
                 if config.dora:  # ||W0 + dW|| with B = 0, computed as the forward computes it: g = 1 exactly
                     adapter.magnitude.copy_(cls.row_norms_sq(base).sqrt())
-        return adapter.train(base.training)
+        return adapter.train(base.training)  # an eval model stays eval
 
     @classmethod
     def row_norms_sq(cls, base: nn.Module) -> torch.Tensor:
@@ -119,7 +130,7 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 cached = (weight, weight._version, self.row_norms_sq(self.base_layer))
             vars(self)["_base_sq"] = cached  # a plain attribute (Module.__setattr__ is slow)
-        return cached[2]  # an eval model stays eval
+        return cached[2]
 
     @staticmethod
     def init_A(A: torch.Tensor, init: str, rank: int) -> None:
@@ -134,12 +145,46 @@ class LoraLayer(nn.Module):
         return name in self.adapters
 
     def put(self, name: str, adapter: LoraAdapter) -> None:
-        """Attach `adapter` as `name` (replacing any adapter of that name)."""
+        """Attach `adapter` as `name` (replacing any adapter of that name); a ResidualAdapter's start is taken
+        out of the base weight: W0 <- W_res."""
+        if isinstance(adapter, ResidualAdapter):
+            self._set_base_matrix(residual_weight(self.as_update_matrix(self.original_weight), adapter.A0,
+                                                  adapter.B0, adapter.scale))
         self.adapters[name] = adapter
 
     def drop(self, name: str) -> LoraAdapter:
-        """Remove adapter `name` (its A, B, dropout, scale and config) and return it."""
-        return self.adapters.pop(name)
+        """Remove adapter `name` (its A, B, dropout, scale and config) and return it; a ResidualAdapter's start
+        goes back into the base weight (W0 restored, core.init.restored_weight)."""
+        adapter = self.adapters.pop(name)
+        if isinstance(adapter, ResidualAdapter):
+            self._set_base_matrix(self.as_update_matrix(self.user_weight_with(adapter)))
+        return adapter
+
+    @torch.no_grad()
+    def _set_base_matrix(self, matrix: torch.Tensor) -> None:
+        """Write a (d_out, fan_in) matrix into the (unmerged, dense) base weight, in its own layout."""
+        assert self.merged_adapter is None and not is_quantized(self.base_layer)
+        weight = self.base_layer.weight
+        weight.copy_(self.to_weight_layout(matrix).to(weight.dtype))
+
+    @property
+    def residual(self) -> ResidualAdapter | None:
+        """The adapter whose start was taken out of the base weight, if this layer holds one."""
+        return next((a for a in self.adapters.values() if isinstance(a, ResidualAdapter)), None)
+
+    @property
+    def user_weight(self) -> torch.Tensor:
+        """The weight the user's model had here before lorakit changed it: original_weight, with the start a
+        residual-init adapter took out of it put back (to W_res's rounding: core.init.restored_weight)."""
+        return self.user_weight_with(self.residual)
+
+    def user_weight_with(self, adapter: ResidualAdapter | None) -> torch.Tensor:
+        """original_weight with `adapter`'s start (if any) put back, in the base weight's layout."""
+        weight = self.original_weight
+        if adapter is None:
+            return weight
+        restored = restored_weight(self.as_update_matrix(weight), adapter.A0, adapter.B0, adapter.scale)
+        return self.to_weight_layout(restored)
 
     @property
     def empty(self) -> bool:
@@ -165,13 +210,21 @@ class LoraLayer(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged_adapter is not None:
+        if self.merged_adapter is not None:
             return result
+        if self.disabled or (self.routing is None and not self.holds(self.active_adapter)):
+            return self._user_base(x, result)
         if self.routing is not None:
             return self.routing.apply(self, x, result)
-        if not self.holds(self.active_adapter):
-            return result
         return self.adapters[self.active_adapter].output(self, x, result)
+
+    def _user_base(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The user's base layer's output: `result` (the base path), plus the start a residual-init adapter took
+        out of the base weight (W_res x + scale * B0 A0 x = W0 x)."""
+        adapter = self.residual
+        if adapter is None:
+            return result
+        return result + self.lowrank(x, adapter.A0, adapter.B0, adapter.scale).to(result.dtype)
 
     # --- merge ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,13 +245,16 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def fold(self, name: str | None) -> nn.Module:
-        """The base layer with adapter `name` merged in for good (None: as it is now)."""
+        """The base layer with adapter `name` merged in for good (None: the user's, a residual-init adapter's
+        start put back)."""
         if self.merged_adapter is not None:
             self.base_backup = None
             self.merged_adapter = None
         elif name is not None and self.holds(name):
             assert not is_quantized(self.base_layer), "unload_ refuses quantized bases before it gets here"
             self.base_layer.weight.copy_(self.merged_weight(name))
+        elif self.residual is not None:
+            self.base_layer.weight.copy_(self.user_weight)
         return self.base_layer
 
     def merged_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -91,7 +91,7 @@ def merge_dense_(model: nn.Module, dtype: torch.dtype = torch.bfloat16, adapter:
         raise unknown_adapter(model, adapter)
     unmerge_(model)
     for path, layer in list(lora_layers(model)):
-        weight = layer.merged_weight(adapter, dtype) if layer.holds(adapter) else layer.original_weight.to(dtype)
+        weight = layer.merged_weight(adapter, dtype) if layer.holds(adapter) else layer.user_weight.to(dtype)
         model.set_submodule(path, _dense(layer.base_layer, weight.reshape(_weight_shape(layer))))
     for path, module in list(model.named_modules()):
         if is_quantized(module):

@@ -183,6 +183,12 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None], pool: Sequence[st
         path, layer = unsupported[0]
         raise LoraError(f"mixed_batch: {path!r} is a {type(layer.base_layer).__name__}; mixed batches support "
                         "Linear, Conv1D and Embedding adapters (not convolutions): use lk.use(model, name) per group")
+    residual = [(p, layer) for p, layer in lora_layers(model) if layer.residual is not None]
+    if residual:
+        path, layer = residual[0]
+        raise LoraError(f"mixed_batch: {path!r} holds an adapter initialised with init={layer.residual.config.init!r}, "
+                        "whose start was taken out of the base weights; run it alone (lk.use), or save it (a plain "
+                        "LoRA for the original base) and load that for mixed batches")
     if pool is not None and not set(names) - {None} <= set(pool):
         raise LoraError(f"mixed_batch: pool={list(pool)!r} leaves out {sorted(set(names) - {None} - set(pool))!r}; "
                         "the pool must hold every adapter the batch names")

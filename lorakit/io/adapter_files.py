@@ -27,8 +27,9 @@ from torch import nn
 from ..core.adapters import unwrap_empty_
 from ..core.config import LoraConfig
 from ..core.identity import FOLLOWER_TYPES, active_adapter, adapter_config, check_adapter_name, followers
+from ..core.init import plain_config
 from ..core.inject import (attach_, attach_settable, base_of, base_parameters, candidate_modules, check_not_merged,
-                           new_parts, resolve)
+                           check_residual_alone, new_parts, resolve)
 from ..core.layers import DoraAdapter, LoraLayer, layer_class_for
 from ..core.modules_to_save import ModuleToSave
 from ..core.precision import precision_of
@@ -73,6 +74,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | 
                  metadata: dict[str, str] | None = None, base: BaseRecord | None = None) -> Path:
     """Write adapter `adapter` (default: the active one) to `directory` in PEFT's layout.
 
+    An adapter initialised with init='pissa' or 'olora' is written as the plain LoRA of rank 2r it equals on the
+    original base weights (core.init.plain_factors, as PEFT's save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)), with their fingerprint: it loads onto the user's unmodified
+    model, in lorakit or PEFT.
     `metadata` adds string entries to the safetensors header: keys start with 'lorakit_' and are
     not lorakit's own (RESERVED_KEYS). load_adapter reads back the name and the config. `base`: the
     base's record taken earlier (base_record), where its weights are not whole now (sharded); default:
@@ -80,7 +85,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter: str | 
     """
     extra = _checked_metadata(metadata)
     adapter = active_adapter(model) if adapter is None else adapter
-    config = adapter_config(model, adapter)  # raises for an unknown adapter
+    config = plain_config(adapter_config(model, adapter))  # raises for an unknown adapter; PiSSA/OLoRA: rank 2r
     modules = candidate_modules(model)
     tensors, task, written = adapter_tensors(model, modules, adapter)
     layers = {p: m for p, m in modules if isinstance(m, LoraLayer) and m.holds(adapter)}
@@ -125,7 +130,7 @@ def adapter_tensors(model: nn.Module, modules: peft.Modules,
         if isinstance(module, LoraLayer) and module.holds(adapter):
             part = module.adapters[adapter]
             keys = peft.adapter_keys(type(module), path, isinstance(part, DoraAdapter))
-            tensors.update(zip(keys, part.trained(), strict=True))
+            tensors.update(zip(keys, (*part.plain_factors(), *part.trained()[2:]), strict=True))  # on the user's W0
             paths.append(path)
         elif isinstance(module, ModuleToSave) and module.holds(adapter):
             copies[path] = module.copies[adapter]
@@ -201,6 +206,7 @@ def _plan_model(model: nn.Module, directory: Path, raw: dict, tensors: dict, met
     check_adapter_name(name)
     modules = candidate_modules(model)  # the one walk of the model: everything below reads this list
     check_not_merged(modules)
+    check_residual_alone(modules, "default", name)  # a file is a plain LoRA (PiSSA/OLoRA are saved converted)
     _check_reusable(modules, reuse)
     paths = peft.resolve_targets(model, modules, raw, directory / CONFIG_FILE)
     saved = peft.resolve_saved(modules, raw, paths, directory / CONFIG_FILE)

@@ -94,7 +94,8 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def base_fingerprint(modules: dict[str, nn.Module], paths: list[str]) -> dict[str, list[float]]:
-    """Per adapted module: mean, RMS and a fixed random projection of the original base weight,
+    """Per adapted module: mean, RMS and a fixed random projection of the user's base weight (LoraLayer.user_weight:
+    no adapter merged, a PiSSA/OLoRA start put back),
     all over FINGERPRINT_ENTRIES entries at fixed random positions (a probe, not a checksum: it
     costs microseconds per module, so loading an adapter stays in milliseconds).
 
@@ -104,7 +105,7 @@ def base_fingerprint(modules: dict[str, nn.Module], paths: list[str]) -> dict[st
     are remembered while the weight stays unchanged (_Remembered), so a server loading adapter after
     adapter onto one base probes each weight once.
     """
-    weights = {path: (m.original_weight if isinstance(m, LoraLayer) else dense_weight(m))
+    weights = {path: (m.user_weight if isinstance(m, LoraLayer) else dense_weight(m))
                for path, m in ((p, modules[p]) for p in paths)}
     known = {path: _recall(weight) for path, weight in weights.items()}
     probed = _probe_weights({path: w.detach() for path, w in weights.items() if known[path] is None})

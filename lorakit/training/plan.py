@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..core.config import LoraConfig, option
 from ..core.identity import adapter_config
+from ..core.init import plain_config
 from ..core.inject import candidate_modules, inject_
 from ..core.layers import LoraLayer
 from ..core.precision import BASE_DTYPES, BasePrecision
@@ -241,7 +242,8 @@ def _adapter_file_bytes(model: nn.Module, weights: nn.Module | None, base_dtype:
     fingerprint = base_fingerprint(dict(candidate_modules(weights)), paths) if weights is not None else \
         {path: TYPICAL_FINGERPRINT for path in paths}
     checksum = "0" * 64  # a sha256 in hex: its length is all the size depends on
-    metadata = adapter_metadata("default", adapter_config(model, "default"), fingerprint, checksum, base_dtype)
+    metadata = adapter_metadata("default", plain_config(adapter_config(model, "default")), fingerprint, checksum,
+                                base_dtype)
     return _safetensors_bytes({k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, metadata)
 
 
