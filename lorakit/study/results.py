@@ -1,0 +1,102 @@
+"""A study's results, read back from its runs' own files: one record per finished run (summary.json and the
+study's run record), and cells: the mean and spread over seeds of runs that differ only in their seed."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..training.train import SUMMARY_FILE
+from .grid import Run, config_hash
+
+RUN_RECORD = "study_run.json"  # written by the runner after summary.json: the training-set metric, load
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The held-out number a study compares runs by."""
+
+    key: str  # in summary.json's evals: eval_accuracy or eval_perplexity
+    name: str
+    higher_is_better: bool
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+
+METRICS = {"classify": Metric("eval_accuracy", "accuracy", True),
+           "causal-lm": Metric("eval_perplexity", "perplexity", False)}
+
+
+def metric_for(task: str) -> Metric:
+    return METRICS[task]
+
+
+def is_finished(run: Run) -> bool:
+    """Whether the run's folder holds a whole run of this very config: summary.json and the study's record,
+    both naming the config's hash."""
+    try:
+        summary = json.loads((run.folder / SUMMARY_FILE).read_text())
+        record = json.loads((run.folder / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return config_hash(summary.get("config", {})) == run.key == record.get("config_hash")
+
+
+def read_record(run: Run, metric: Metric) -> dict:
+    """One flat record of a finished run, every number from its own files."""
+    summary = json.loads((run.folder / SUMMARY_FILE).read_text())
+    extra = json.loads((run.folder / RUN_RECORD).read_text())
+    value = summary["last_eval"][metric.key]
+    train_value = extra["train_eval"][metric.key]
+    return {"run": run.name, "arm": run.arm, "full": run.config.full, "rank": run.rank,
+            "targets": list(run.config.lora.targets) if not run.config.full else [],
+            "data_size": run.data_size, "train_examples": extra["train_examples"], "lr": run.lr, "seed": run.seed,
+            "metric": value, "train_metric": train_value, "gap": train_value - value,
+            "first_metric": summary["first_eval"].get(metric.key),
+            "trainable": summary["trainable_parameters"], "seconds": summary["seconds"],
+            "peak_rss_bytes": summary["peak_memory_bytes"], "saved_bytes": summary["saved_bytes"],
+            "loadavg": extra.get("loadavg")}
+
+
+def read_records(runs: list[Run], metric: Metric) -> list[dict]:
+    return [read_record(run, metric) for run in runs if is_finished(run)]
+
+
+CELL_KEYS = ("arm", "rank", "data_size", "lr")
+SPREAD_OF = ("metric", "train_metric", "gap", "seconds", "peak_rss_bytes")
+
+
+def cells(records: list[dict]) -> list[dict]:
+    """Records grouped by everything but the seed: n, seeds, and mean / std (sample, ddof=1; 0 for one seed)
+    of the metric, train metric, gap, time and memory; trainable parameters and adapter size are the same
+    for every seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in CELL_KEYS), []).append(r)
+    out = []
+    for key, members in groups.items():
+        cell = dict(zip(CELL_KEYS, key), full=members[0]["full"], targets=members[0]["targets"],
+                    n=len(members), seeds=sorted(m["seed"] for m in members),
+                    trainable=members[0]["trainable"], saved_bytes=members[0]["saved_bytes"],
+                    train_examples=members[0]["train_examples"])
+        for name in SPREAD_OF:
+            values = np.array([m[name] for m in members], dtype=float)
+            cell[name] = float(values.mean())
+            cell[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out.append(cell)
+    return out
+
+
+def interval(cell: dict, name: str = "metric") -> float:
+    """Half-width of a rough 95% interval of the mean: 1.96 std / sqrt(n) (normal, not t: say so)."""
+    return 1.96 * cell[f"{name}_std"] / math.sqrt(cell["n"]) if cell["n"] > 1 else 0.0
+
+
+def largest_size(cells: list[dict]) -> int:
+    """The largest data size among the cells (0, meaning all examples, is the largest)."""
+    sizes = {c["data_size"] for c in cells}
+    return 0 if 0 in sizes else max(sizes)
