@@ -70,9 +70,11 @@ def sweep_runs(spec: StudySpec, out: Path) -> list[Run]:
 
 
 def grid_runs(spec: StudySpec, lrs: dict[str, float], out: Path) -> list[Run]:
-    """Each arm's ranks x data sizes x seeds at its chosen learning rate (`lrs`, by arm name)."""
-    return [make_run(spec, arm, rank, size, lrs[arm.name], seed, out)
+    """Each arm's ranks x data sizes x seeds at its chosen learning rate (`lrs`, by arm name); seed by seed, so
+    that a study stopped early has every cell at fewer seeds rather than some cells at none."""
+    runs = [make_run(spec, arm, rank, size, lrs[arm.name], seed, out)
             for arm in spec.arms for size in arm.data_sizes for rank in arm.ranks for seed in arm.seeds]
+    return sorted(runs, key=lambda run: run.seed)  # stable: arms, sizes and ranks keep their order
 
 
 def choose_lrs(spec: StudySpec, sweep_scores: dict[str, dict[float, float]], higher_is_better: bool

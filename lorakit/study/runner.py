@@ -20,6 +20,7 @@ from transformers.utils import logging
 from ..errors import LoraError
 from ..io.files import write_text_atomically
 from ..training.batches import padding_id
+from ..training.checkpoint import CHECKPOINTS
 from ..training.datasets import load_dataset, sample_dataset, split_dataset
 from ..training.train import SUMMARY_FILE, evaluate, train
 from ..zoo import load_tokenizer
@@ -187,6 +188,7 @@ def execute(run: Run) -> dict:
     try:
         result = train(run.config)
         record.update(training_set_eval(run, result.model))
+        shutil.rmtree(run.folder / CHECKPOINTS, ignore_errors=True)  # a study restarts a run, never resumes it
     except LoraError as error:  # e.g. diverged at a sweep's largest rate: a result, recorded and not retried
         record["error"] = str(error)
     record.update(seconds=time.perf_counter() - started, loadavg=os.getloadavg())
