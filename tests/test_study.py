@@ -110,7 +110,7 @@ def test_sample_dataset_keeps_the_held_out_set_and_names_the_field(encoder, labe
 def test_quick_study_end_to_end_report_recomputed_from_summaries(encoder, labelled, tmp_path):
     spec = spec_from_dict(spec_dict(encoder, labelled))
     out = tmp_path / "study"
-    runs = run_study(spec, out, jobs=2, progress=False)
+    runs = run_study(spec, out, jobs=1, progress=False)  # in this process (the killed study below uses workers)
     # qv's sweep (2 lrs), then qv 2 sizes x 2 seeds, ffn 2 seeds, full 1: the chosen sweep run is reused
     assert len(runs.sweep) == 2 and len(runs.grid) == 7 and len(events(out, "run_done")) == 8
     done = {e["run"] for e in events(out, "run_done")}
@@ -147,7 +147,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(encoder, labelled,
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "lorakit", "study", str(spec_file), "--out", str(out),
-                                "--jobs", "1"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                "--jobs", "2"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not (out / LOG_FILE).exists() or len(events(out, "run_done")) < 3):

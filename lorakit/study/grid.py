@@ -11,7 +11,6 @@ from pathlib import Path
 from ..training.config import TrainConfig
 from .spec import Arm, StudySpec
 
-RUNS_DIR = "runs"
 # Fields that do not change what a run computes: left out of its hash.
 UNHASHED = ("out", "progress", "resume", "report_to")
 
@@ -55,7 +54,7 @@ def make_run(spec: StudySpec, arm: Arm, rank: int, data_size: int, lr: float, se
     lora = train.lora if arm.full else train.lora.replace(rank=rank, targets=arm.targets or None)
     config = dataclasses.replace(train, lora=lora, full=arm.full, lr=lr, seed=seed, train_examples=data_size)
     run = Run(arm.name, rank, data_size, lr, seed, config)
-    return dataclasses.replace(run, config=dataclasses.replace(config, out=str(Path(out) / RUNS_DIR / run.name)))
+    return dataclasses.replace(run, config=dataclasses.replace(config, out=str(Path(out) / spec.runs_dir / run.name)))
 
 
 def swept(arm: Arm) -> bool:

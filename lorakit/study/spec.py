@@ -67,6 +67,8 @@ class StudySpec:
     sweep_seed: int = 0
     margin: float = 0.01  # --suggest: how far below the best held-out result still counts
     source: str = field(default="", compare=False)
+    runs_dir: str = "runs"  # the runs' folder inside the study's; quick() keeps its own
+
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -76,7 +78,7 @@ class StudySpec:
         arms = tuple(dataclasses.replace(a, ranks=a.ranks[:2], data_sizes=a.data_sizes[:2], seeds=a.seeds[:1],
                                          lrs=a.lrs[:2]) for a in self.arms)
         train = dataclasses.replace(self.train, steps=min(self.train.steps, QUICK_STEPS))
-        return dataclasses.replace(self, train=train, arms=arms)
+        return dataclasses.replace(self, train=train, arms=arms, runs_dir="runs-quick")
 
 
 def load_spec(path: str | Path) -> StudySpec:
