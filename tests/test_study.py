@@ -110,7 +110,7 @@ def test_sample_dataset_keeps_the_held_out_set_and_names_the_field(encoder, labe
 def test_quick_study_end_to_end_report_recomputed_from_summaries(encoder, labelled, tmp_path):
     spec = spec_from_dict(spec_dict(encoder, labelled))
     out = tmp_path / "study"
-    runs = run_study(spec, out, jobs=1, progress=False)  # in this process (the killed study below uses workers)
+    runs = run_study(spec, out, jobs=1, progress=False, threads=1)  # here (the killed study below uses workers)
     # qv's sweep (2 lrs), then qv 2 sizes x 2 seeds, ffn 2 seeds, full 1: the chosen sweep run is reused
     assert len(runs.sweep) == 2 and len(runs.grid) == 7 and len(events(out, "run_done")) == 8
     done = {e["run"] for e in events(out, "run_done")}
@@ -135,7 +135,7 @@ def test_quick_study_end_to_end_report_recomputed_from_summaries(encoder, labell
     summary = summaries[target.name]
     summary["last_eval"]["eval_accuracy"] = 0.123456
     (target.folder / SUMMARY_FILE).write_text(json.dumps(summary))
-    again = build_report(spec, out)
+    again = build_report(spec, out, with_figures=False)
     assert next(c for c in again["cells"] if c["arm"] == "full")["metric"] == pytest.approx(0.123456)
     assert "0.123 ± 0.000 (n=1)" in (out / "report.md").read_text()
 
@@ -156,7 +156,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(encoder, labelled,
     process.wait()
     first = {e["run"] for e in events(out, "run_done")}
     assert 3 <= len(first) < 8, "killed too late to test resuming; give the tiny study more runs"
-    runs = run_study(spec_from_dict(raw), out, jobs=1, progress=False)
+    runs = run_study(spec_from_dict(raw), out, jobs=1, progress=False, threads=1)
     second = {e["run"] for e in events(out, "run_done")} - first
     everything = {r.name for r in runs.sweep + runs.grid}
     assert first.isdisjoint(second) and first | second == everything  # each run trained exactly once

@@ -22,9 +22,9 @@ FIGURES = {"data": "quality_vs_data.png", "gap": "gap_vs_data.png", "params": "q
 
 
 def build_report(spec: StudySpec, out: Path, report_dir: Path | None = None, margin: float | None = None,
-                 with_spectra: bool = True) -> dict:
-    """Read every finished run, write report.json, report.md and the figures to `report_dir` (default: `out`);
-    returns report.json's content."""
+                 with_spectra: bool = True, with_figures: bool = True) -> dict:
+    """Read every finished run, write report.json, report.md and (unless with_figures=False) the figures to
+    `report_dir` (default: `out`); returns report.json's content."""
     out, report_dir = Path(out), Path(report_dir or out)
     report_dir.mkdir(parents=True, exist_ok=True)
     metric = metric_for(spec.train.task)
@@ -41,7 +41,7 @@ def build_report(spec: StudySpec, out: Path, report_dir: Path | None = None, mar
               "spectra": _spectra(spec, out) if with_spectra else None}
     found = suggest(grid_cells, metric, margin)
     report["suggestion"] = None if found is None else {"chosen": found.chosen, "best": found.best, "margin": margin}
-    written = _figures(report, metric, report_dir)
+    written = _figures(report, metric, report_dir) if with_figures else {}
     write_text_atomically(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomically(report_dir / "report.md", markdown(report, metric, found, written))
     return report

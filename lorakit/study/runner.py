@@ -78,11 +78,13 @@ def sweep_score(run: Run, metric: Metric) -> float | None:
     return json.loads((run.folder / SUMMARY_FILE).read_text())["last_eval"][metric.key]
 
 
-def run_study(spec: StudySpec, out: Path, jobs: int | None = None, progress: bool = True) -> StudyRuns:
-    """Train every run of `spec` that is not finished: the learning-rate sweep, then the grid."""
+def run_study(spec: StudySpec, out: Path, jobs: int | None = None, progress: bool = True,
+              threads: int | None = None) -> StudyRuns:
+    """Train every run of `spec` that is not finished: the learning-rate sweep, then the grid; `jobs` runs at
+    a time (default: one per core), each with `threads` torch threads (default: cores / jobs)."""
     out = Path(out)
     jobs = jobs or os.cpu_count() or 1
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     log = StudyLog(out / LOG_FILE)
     log.write("study_start", spec=spec.source, name=spec.name, jobs=jobs, threads=threads, pid=os.getpid())
     with _workers(jobs, threads) as pool:
