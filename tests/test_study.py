@@ -14,10 +14,9 @@ import pytest
 
 import tiny
 from lorakit.errors import LoraError
-from lorakit.study.grid import Run
 from lorakit.study.report import build_report
 from lorakit.study.results import METRICS, cells
-from lorakit.study.runner import LOG_FILE, plan_runs, run_study
+from lorakit.study.runner import LOG_FILE, run_study
 from lorakit.study.spec import load_spec, spec_from_dict
 from lorakit.study.suggest import suggest
 from lorakit.training.config import TrainConfig
@@ -210,3 +209,20 @@ def test_report_to_tensorboard_writes_a_readable_event_file(tmp_path):
     assert {"train/lr", "eval/eval_perplexity"} <= set(accumulator.Tags()["scalars"])
     with pytest.raises(LoraError, match=r"report_to='wandb'"):
         TrainConfig(report_to="wandb")
+
+
+def test_a_study_from_flags_is_the_spec_they_describe(encoder, labelled, tmp_path):
+    from lorakit.cli import build_parser
+    from lorakit.cli.study import flag_spec
+
+    args = build_parser().parse_args(["study", "--model", str(encoder), "--data", str(labelled), "--task", "classify",
+                                      "--target-set", "attn=query,value", "--target-set", "ffn=intermediate.dense",
+                                      "--ranks", "1,8", "--lrs", "1e-3,1e-2", "--seeds", "0,1", "--steps", "5",
+                                      "--out", str(tmp_path / "mine"), "--suggest", "--margin", "0.02"])
+    spec = spec_from_dict(flag_spec(args), source="flags")
+    assert [(a.name, a.targets, a.ranks, a.lrs, a.seeds, a.sweep_rank) for a in spec.arms] == [
+        ("attn", ("query", "value"), (1, 8), (1e-3, 1e-2), (0, 1), 8),
+        ("ffn", ("intermediate.dense",), (1, 8), (1e-3, 1e-2), (0, 1), 8)]
+    assert (spec.train.model, spec.train.task, spec.train.steps) == (str(encoder), "classify", 5)
+    with pytest.raises(LoraError, match="--model and --data"):
+        flag_spec(build_parser().parse_args(["study", "--out", str(tmp_path)]))

@@ -10,8 +10,7 @@ from pathlib import Path
 from ..io.files import write_text_atomically
 from . import figures
 from .grid import config_hash
-from .results import Metric, cells, interval, largest_size, metric_for, read_records
-from .runner import plan_runs
+from .results import Metric, cells, failed_runs, interval, largest_size, metric_for, plan_runs, read_records
 from .spec import StudySpec
 from .spectra import model_spectra
 from .suggest import Suggestion, suggest
@@ -37,7 +36,7 @@ def build_report(spec: StudySpec, out: Path, report_dir: Path | None = None, mar
               "steps": spec.train.steps, "batch_size": spec.train.batch_size, "lrs": runs.lrs,
               "planned_runs": len({r.key for r in runs.grid + runs.sweep}),
               "finished_runs": len({r["run"] for r in records + sweep}),
-              "failed_runs": _failed(runs.grid + runs.sweep), "sweep": sweep, "records": records, "cells": grid_cells,
+              "failed_runs": failed_runs(runs.grid + runs.sweep), "sweep": sweep, "records": records, "cells": grid_cells,
               "spectra": _spectra(spec, out) if with_spectra else None}
     found = suggest(grid_cells, metric, margin)
     report["suggestion"] = None if found is None else {"chosen": found.chosen, "best": found.best, "margin": margin}
@@ -45,17 +44,6 @@ def build_report(spec: StudySpec, out: Path, report_dir: Path | None = None, mar
     write_text_atomically(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomically(report_dir / "report.md", markdown(report, metric, found, written))
     return report
-
-
-def _failed(runs) -> list[dict]:
-    failed = []
-    for run in runs:
-        path = run.folder / "study_run.json"
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if record.get("error") and record.get("config_hash") == run.key:
-                failed.append({"run": run.name, "error": record["error"]})
-    return failed
 
 
 def _spectra(spec: StudySpec, out: Path) -> dict:

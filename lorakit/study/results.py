@@ -1,5 +1,6 @@
-"""A study's results, read back from its runs' own files: one record per finished run (summary.json and the
-study's run record), and cells: the mean and spread over seeds of runs that differ only in their seed."""
+"""A study's results, read back from its runs' own files: which runs are finished, the learning rates their
+sweep chose, one record per finished run (summary.json and the study's run record), and cells: the mean and
+spread over seeds of runs that differ only in their seed."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..training.train import SUMMARY_FILE
-from .grid import Run, config_hash
+from .grid import Run, choose_lrs, config_hash, grid_runs, sweep_runs
+from .spec import StudySpec
 
 RUN_RECORD = "study_run.json"  # written by the runner after summary.json: the training-set metric, load
 
@@ -44,6 +46,54 @@ def is_finished(run: Run) -> bool:
     except (OSError, ValueError):
         return False
     return config_hash(summary.get("config", {})) == run.key == record.get("config_hash")
+
+
+@dataclass(frozen=True)
+class StudyRuns:
+    """The runs of a study as the spec and its sweep's results define them."""
+
+    sweep: list[Run]
+    grid: list[Run]
+    lrs: dict[str, float]
+
+
+def plan_runs(spec: StudySpec, out: Path) -> StudyRuns:
+    """The sweep, the learning rates its finished runs choose, and the grid at those rates (an arm whose sweep
+    has no finished run yet keeps its first rate: a partial study's report says so)."""
+    metric = metric_for(spec.train.task)
+    sweep = sweep_runs(spec, out)
+    scores: dict[str, dict[float, float]] = {}
+    for run in sweep:
+        score = sweep_score(run, metric)
+        if score is not None:
+            scores.setdefault(run.arm, {})[run.lr] = score
+    for arm in spec.arms:
+        scores.setdefault(arm.name, {arm.lrs[0]: 0.0})
+    lrs = choose_lrs(spec, scores, metric.higher_is_better)
+    return StudyRuns(sweep, grid_runs(spec, lrs, out), lrs)
+
+
+def sweep_score(run: Run, metric: Metric) -> float | None:
+    """The run's held-out metric; a run that failed (diverged) scores worst; None if not finished."""
+    if not is_finished(run):
+        return None
+    record = json.loads((run.folder / RUN_RECORD).read_text())
+    if record.get("error"):
+        return -float("inf") if metric.higher_is_better else float("inf")
+    return json.loads((run.folder / SUMMARY_FILE).read_text())["last_eval"][metric.key]
+
+
+def failed_runs(runs: list[Run]) -> list[dict]:
+    """The runs of this config that ended in an error (e.g. diverged), with it."""
+    failed = []
+    for run in runs:
+        try:
+            record = json.loads((run.folder / RUN_RECORD).read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("error") and record.get("config_hash") == run.key:
+            failed.append({"run": run.name, "error": record["error"]})
+    return failed
 
 
 def read_record(run: Run, metric: Metric) -> dict:

@@ -10,7 +10,6 @@ import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,22 +21,13 @@ from ..io.files import write_text_atomically
 from ..training.batches import padding_id
 from ..training.checkpoint import CHECKPOINTS
 from ..training.datasets import load_dataset, sample_dataset, split_dataset
-from ..training.train import SUMMARY_FILE, evaluate, train
+from ..training.train import evaluate, train
 from ..zoo import load_tokenizer
-from .grid import Run, choose_lrs, grid_runs, sweep_runs
-from .results import RUN_RECORD, Metric, is_finished, metric_for
+from .grid import Run
+from .results import RUN_RECORD, StudyRuns, is_finished, plan_runs
 from .spec import StudySpec
 
 LOG_FILE = "study.jsonl"
-
-
-@dataclass(frozen=True)
-class StudyRuns:
-    """The runs of a study as the spec and its sweep's results define them."""
-
-    sweep: list[Run]
-    grid: list[Run]
-    lrs: dict[str, float]
 
 
 class StudyLog:
@@ -50,32 +40,6 @@ class StudyLog:
     def write(self, event: str, **fields) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
-
-
-def plan_runs(spec: StudySpec, out: Path) -> StudyRuns:
-    """The sweep, the learning rates its finished runs choose, and the grid at those rates (an arm whose sweep
-    has no finished run yet keeps its first rate: a partial study's report says so)."""
-    metric = metric_for(spec.train.task)
-    sweep = sweep_runs(spec, out)
-    scores: dict[str, dict[float, float]] = {}
-    for run in sweep:
-        score = sweep_score(run, metric)
-        if score is not None:
-            scores.setdefault(run.arm, {})[run.lr] = score
-    for arm in spec.arms:
-        scores.setdefault(arm.name, {arm.lrs[0]: 0.0})
-    lrs = choose_lrs(spec, scores, metric.higher_is_better)
-    return StudyRuns(sweep, grid_runs(spec, lrs, out), lrs)
-
-
-def sweep_score(run: Run, metric: Metric) -> float | None:
-    """The run's held-out metric; a run that failed (diverged) scores worst; None if not finished."""
-    if not is_finished(run):
-        return None
-    record = json.loads((run.folder / RUN_RECORD).read_text())
-    if record.get("error"):
-        return -float("inf") if metric.higher_is_better else float("inf")
-    return json.loads((run.folder / SUMMARY_FILE).read_text())["last_eval"][metric.key]
 
 
 def run_study(spec: StudySpec, out: Path, jobs: int | None = None, progress: bool = True,
