@@ -41,6 +41,9 @@ def quality_vs_data(cells: list[dict], metric: Metric, png: Path, key: str = "me
                     yerr=[c[f"{key}_std"] for c in members], marker="o", capsize=3, label=_label(members[0]), **style)
     if key == "gap":
         ax.axhline(0, color="grey", linewidth=0.8)
+    sizes = sorted({c["train_examples"] for c in cells})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     _legend(ax, ncol=2)
     return _save_figure(fig, png)
 
@@ -94,10 +97,11 @@ def costs(cells: list[dict], png: Path) -> Path:
     return _save_figure(fig, png)
 
 
-def spectra(types: dict[str, dict], png: Path) -> Path:
-    """Each layer type's W0 spectrum (sigma_k / sigma_1, mean over blocks) and its effective-rank share."""
+def spectra(types: dict[str, dict], alone: dict[str, dict], metric: Metric, png: Path) -> Path:
+    """Each layer type's W0 spectrum (sigma_k / sigma_1, mean over blocks), its effective-rank share, and
+    (for the types some arm adapts alone: `alone`, type -> cell) that arm's held-out metric against it."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=110, layout="constrained")
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(18, 4.8), dpi=110, layout="constrained")
     for kind, s in types.items():
         left.plot([i + 1 for i in s["spectrum_index"]], s["spectrum"], ".-", label=kind)
     left.set(yscale="log", xlabel="direction k", ylabel="sigma_k / sigma_1", title="spectrum of W0 (mean over blocks)")
@@ -108,6 +112,14 @@ def spectra(types: dict[str, dict], png: Path) -> Path:
     right.barh(names, [types[k]["energy_rank_share"] for k in names], alpha=0.5, label="90%-energy rank / min(d)")
     right.set(xlim=(0, 1), title="how much of its full rank W0 uses")
     right.legend(fontsize=8)
+    for kind, cell in alone.items():
+        share = types[kind]["effective_rank_share"]
+        third.errorbar([share], [cell["metric"]], yerr=[cell["metric_std"]], marker="o", capsize=3)
+        third.annotate(f"{cell['arm']} r={cell['rank']}", (share, cell["metric"]), fontsize=7, xytext=(4, 3),
+                       textcoords="offset points")
+    third.set(xlabel="W0 effective rank / min(d_out, d_in)", ylabel=f"held-out {metric.name}",
+              title="adapting one type alone (same budget) vs W0's rank")
+    third.grid(alpha=0.3)
     return _save_figure(fig, png)
 
 

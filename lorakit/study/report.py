@@ -70,7 +70,7 @@ def _figures(report: dict, metric: Metric, folder: Path) -> dict[str, str]:
              "rank": lambda p: figures.quality_vs_rank(cs, metric, p),
              "cost": lambda p: figures.costs(cs, p)}
     if report["spectra"]:
-        plots["spectra"] = lambda p: figures.spectra(report["spectra"]["types"], p)
+        plots["spectra"] = lambda p: figures.spectra(report["spectra"]["types"], alone_cells(report), metric, p)
     for name, plot in plots.items():
         plot(folder / FIGURES[name])
         written[name] = FIGURES[name]
@@ -170,17 +170,24 @@ def _ranks(report: dict) -> str:
     return "## Q3: rank by data size\n\n" + "\n".join(sections) if sections else ""
 
 
+def alone_cells(report: dict) -> dict[str, dict]:
+    """layer type -> the cell (largest data size) of an arm that adapts that type and nothing else."""
+    found = report.get("spectra")
+    if not found or not report["cells"]:
+        return {}
+    at_most = {c["arm"]: c for c in report["cells"] if c["data_size"] == largest_size(report["cells"])}
+    return {types[0]: at_most[arm] for arm, types in found["arms"].items() if len(types) == 1 and arm in at_most}
+
+
 def _spectra_section(report: dict, metric: Metric) -> str:
     found = report.get("spectra")
     if not found:
         return ""
-    best = {c["arm"]: c for c in report["cells"] if c["data_size"] == largest_size(report["cells"])} if report["cells"] else {}
-    rows = []
-    for kind, s in found["types"].items():
-        alone = [a for a, types in found["arms"].items() if types == [kind] and a in best]
-        rows.append([kind, "x".join(map(str, s["shape"])), f"{s['effective_rank']:.0f} ({s['effective_rank_share']:.2f})",
-                     f"{s['energy_rank_90']:.0f} ({s['energy_rank_share']:.2f})",
-                     "; ".join(f"{a}: {_value(best[a])}" for a in alone) or "-"])
+    alone = alone_cells(report)
+    rows = [[kind, "x".join(map(str, s["shape"])), f"{s['effective_rank']:.0f} ({s['effective_rank_share']:.2f})",
+             f"{s['energy_rank_90']:.0f} ({s['energy_rank_share']:.2f})",
+             f"{alone[kind]['arm']} r={alone[kind]['rank']}: {_value(alone[kind])}" if kind in alone else "-"]
+            for kind, s in found["types"].items()]
     return ("## W0: the pretrained weights' own rank, by layer type\n\nEffective rank (exp of the entropy of the "
             "normalised singular values) and the 90%-energy rank of W0, mean over blocks (share of min(d_out, d_in) "
             f"in brackets), beside the held-out {metric.name} of arms that adapt only that type (largest data size):\n\n"
