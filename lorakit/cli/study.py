@@ -22,6 +22,8 @@ def add_study_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-dir", help="where report.md, report.json and the figures go (default: --out)")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="runs in parallel, each in its own process with cores/N threads (default: the cores)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads per run (default: cores / --jobs); 1 is best on a busy machine")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps, two of each list, one seed")
     parser.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs")
     parser.add_argument("--suggest", action="store_true",
@@ -59,7 +61,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     if args.quick:
         spec = spec.quick()
     if not args.report_only:
-        run_study(spec, Path(args.out), args.jobs)
+        run_study(spec, Path(args.out), args.jobs, threads=args.threads)
     report = build_report(spec, Path(args.out), Path(args.report_dir or args.out), args.margin)
     where = Path(args.report_dir or args.out)
     print(f"{report['finished_runs']} of {report['planned_runs']} runs finished; report: {where / 'report.md'}")
