@@ -226,3 +226,16 @@ def test_a_study_from_flags_is_the_spec_they_describe(encoder, labelled, tmp_pat
     assert (spec.train.model, spec.train.task, spec.train.steps) == (str(encoder), "classify", 5)
     with pytest.raises(LoraError, match="--model and --data"):
         flag_spec(build_parser().parse_args(["study", "--out", str(tmp_path)]))
+
+
+def test_a_second_study_on_the_same_folder_is_refused(encoder, labelled, tmp_path):
+    import fcntl
+
+    from lorakit.study.runner import LOCK_FILE
+
+    (tmp_path / "study").mkdir()
+    with open(tmp_path / "study" / LOCK_FILE, "a+") as held:  # as a running study holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LoraError, match=r"another lorakit study is running on this folder"):
+            run_study(spec_from_dict(spec_dict(encoder, labelled)), tmp_path / "study", jobs=1, progress=False)
+    assert not list((tmp_path / "study").glob("runs*"))  # nothing trained

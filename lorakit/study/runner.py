@@ -3,6 +3,7 @@ its peak-RSS mark before every run, so each run's peak is its own), finished run
 restarted cleanly, every event in the study's JSONL log."""
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ from .results import RUN_RECORD, StudyRuns, is_finished, plan_runs
 from .spec import StudySpec
 
 LOG_FILE = "study.jsonl"
+LOCK_FILE = "study.lock"
 
 
 class StudyLog:
@@ -50,14 +52,29 @@ def run_study(spec: StudySpec, out: Path, jobs: int | None = None, progress: boo
     jobs = jobs or os.cpu_count() or 1
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     log = StudyLog(out / LOG_FILE)
-    log.write("study_start", spec=spec.source, name=spec.name, jobs=jobs, threads=threads, pid=os.getpid())
-    with _workers(jobs, threads) as pool:
+    with _only_study(out), _workers(jobs, threads) as pool:
+        log.write("study_start", spec=spec.source, name=spec.name, jobs=jobs, threads=threads, pid=os.getpid())
         run_all(plan_runs(spec, out).sweep, pool, log, progress, "sweep")
         runs = plan_runs(spec, out)
         log.write("lrs_chosen", lrs=runs.lrs)
         run_all(runs.grid, pool, log, progress, "grid")
     log.write("study_done", runs=len(runs.sweep) + len(runs.grid))
     return runs
+
+
+@contextmanager
+def _only_study(out: Path):
+    """Hold the study folder's lock: two studies on one folder would train the same runs at once."""
+    with open(out / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LoraError(f"out={str(out)!r}: another lorakit study is running on this folder; wait for it to "
+                            "end (or stop it), then run again to resume") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager
