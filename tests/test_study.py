@@ -239,3 +239,18 @@ def test_a_second_study_on_the_same_folder_is_refused(encoder, labelled, tmp_pat
         with pytest.raises(LoraError, match=r"another lorakit study is running on this folder"):
             run_study(spec_from_dict(spec_dict(encoder, labelled)), tmp_path / "study", jobs=1, progress=False)
     assert not list((tmp_path / "study").glob("runs*"))  # nothing trained
+
+
+def test_a_diverged_sweep_run_is_recorded_scored_worst_and_not_retried(encoder, labelled, tmp_path):
+    raw = spec_dict(encoder, labelled, data_sizes=[0], seeds=[0])
+    raw["train"]["max_bad_steps"] = 1  # the first NaN/Inf step ends the run
+    raw["arms"] = [{"name": "qv", "targets": ["query", "value"], "ranks": [2], "lrs": [1e-3, 1e30]}]
+    spec, out = spec_from_dict(raw), tmp_path / "study"
+    runs = run_study(spec, out, jobs=1, progress=False, threads=1)
+    assert runs.lrs == {"qv": 1e-3}
+    assert [e["run"] for e in events(out, "run_failed")] == ["qv-r2-nall-lr1e+30-s0"]
+    run_study(spec, out, jobs=1, progress=False, threads=1)  # again: nothing to do
+    assert len(events(out, "run_failed")) == 1 and len(events(out, "run_done")) == 1
+    report = build_report(spec, out, with_figures=False, with_spectra=False)
+    assert [f["run"] for f in report["failed_runs"]] == ["qv-r2-nall-lr1e+30-s0"]
+    assert "diverged" in report["failed_runs"][0]["error"] and len(report["records"]) == 1

@@ -37,15 +37,27 @@ def metric_for(task: str) -> Metric:
     return METRICS[task]
 
 
-def is_finished(run: Run) -> bool:
-    """Whether the run's folder holds a whole run of this very config: summary.json and the study's record,
-    both naming the config's hash."""
+def _json(path: Path) -> dict | None:
     try:
-        summary = json.loads((run.folder / SUMMARY_FILE).read_text())
-        record = json.loads((run.folder / RUN_RECORD).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+
+
+def is_finished(run: Run) -> bool:
+    """Whether the run's folder holds a whole run of this very config: the study's record naming the config's
+    hash, and summary.json of the same config (or, for a run that failed, e.g. diverged, the error)."""
+    record = _json(run.folder / RUN_RECORD)
+    if record is None or record.get("config_hash") != run.key:
         return False
-    return config_hash(summary.get("config", {})) == run.key == record.get("config_hash")
+    summary = _json(run.folder / SUMMARY_FILE)
+    return bool(record.get("error")) or (summary is not None and config_hash(summary.get("config", {})) == run.key)
+
+
+def failed(run: Run) -> str | None:
+    """A finished run's error, if it failed."""
+    record = _json(run.folder / RUN_RECORD) or {}
+    return record.get("error") if record.get("config_hash") == run.key else None
 
 
 @dataclass(frozen=True)
@@ -77,23 +89,14 @@ def sweep_score(run: Run, metric: Metric) -> float | None:
     """The run's held-out metric; a run that failed (diverged) scores worst; None if not finished."""
     if not is_finished(run):
         return None
-    record = json.loads((run.folder / RUN_RECORD).read_text())
-    if record.get("error"):
+    if failed(run):
         return -float("inf") if metric.higher_is_better else float("inf")
-    return json.loads((run.folder / SUMMARY_FILE).read_text())["last_eval"][metric.key]
+    return _json(run.folder / SUMMARY_FILE)["last_eval"][metric.key]
 
 
 def failed_runs(runs: list[Run]) -> list[dict]:
-    """The runs of this config that ended in an error (e.g. diverged), with it."""
-    failed = []
-    for run in runs:
-        try:
-            record = json.loads((run.folder / RUN_RECORD).read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("error") and record.get("config_hash") == run.key:
-            failed.append({"run": run.name, "error": record["error"]})
-    return failed
+    """The finished runs that ended in an error (e.g. diverged), with it."""
+    return [{"run": run.name, "error": failed(run)} for run in runs if is_finished(run) and failed(run)]
 
 
 def read_record(run: Run, metric: Metric) -> dict:
@@ -113,7 +116,8 @@ def read_record(run: Run, metric: Metric) -> dict:
 
 
 def read_records(runs: list[Run], metric: Metric) -> list[dict]:
-    return [read_record(run, metric) for run in runs if is_finished(run)]
+    """A record of each finished run that did not fail."""
+    return [read_record(run, metric) for run in runs if is_finished(run) and not failed(run)]
 
 
 CELL_KEYS = ("arm", "rank", "data_size", "lr")
