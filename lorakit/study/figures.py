@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..analysis.figures import _pyplot, _save_figure
-from .results import Metric, largest_size
+from .results import Metric, largest_size, rank_series
 
 
 def _label(cell: dict) -> str:
@@ -67,14 +67,14 @@ def quality_vs_parameters(cells: list[dict], metric: Metric, png: Path) -> Path:
 
 
 def quality_vs_rank(cells: list[dict], metric: Metric, png: Path) -> Path:
-    """Held-out metric against rank, one line per arm and data size (arms with more than one rank)."""
+    """Held-out metric against rank, one line per target set and data size (sets run at several ranks)."""
     plt = _pyplot()
     fig, ax = _axes(plt, f"held-out {metric.name} vs rank (mean, bar = std over seeds)", "rank r",
                     f"held-out {metric.name}")
-    for (arm, size), members in _series([c for c in cells if not c["full"]], "rank", ("arm", "data_size")).items():
+    for (targets, _), members in rank_series(cells).items():
         ax.errorbar([c["rank"] for c in members], [c["metric"] for c in members],
                     yerr=[c["metric_std"] for c in members], marker="o", capsize=3,
-                    label=f"{arm}, {members[0]['train_examples']} examples")
+                    label=f"{targets}, {members[0]['train_examples']} examples")
     ax.set_xscale("log", base=2)
     _legend(ax)
     return _save_figure(fig, png)

@@ -10,7 +10,8 @@ from pathlib import Path
 from ..io.files import write_text_atomically
 from . import figures
 from .grid import config_hash
-from .results import Metric, cells, failed_runs, interval, largest_size, metric_for, plan_runs, read_records
+from .results import (Metric, cells, failed_runs, interval, largest_size, metric_for, paired_differences, plan_runs,
+                      rank_series, read_records)
 from .spec import StudySpec
 from .spectra import model_spectra
 from .suggest import Suggestion, suggest
@@ -39,6 +40,8 @@ def build_report(spec: StudySpec, out: Path, report_dir: Path | None = None, mar
               "failed_runs": failed_runs(runs.grid + runs.sweep), "sweep": sweep, "records": records, "cells": grid_cells,
               "spectra": _spectra(spec, out) if with_spectra else None}
     found = suggest(grid_cells, metric, margin)
+    reference = spec.arms[0].name
+    report["paired"] = {"reference": reference, "differences": paired_differences(records, reference)}
     report["suggestion"] = None if found is None else {"chosen": found.chosen, "best": found.best, "margin": margin}
     written = _figures(report, metric, report_dir) if with_figures else {}
     write_text_atomically(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
@@ -99,7 +102,8 @@ def _size(size: int) -> str:
 
 def markdown(report: dict, metric: Metric, found: Suggestion | None, written: dict[str, str]) -> str:
     """report.md: setup, one section per question, W0 spectra, costs, the suggestion."""
-    parts = [_setup(report, metric), _by_data_size(report, metric), _targets(report, metric), _ranks(report),
+    parts = [_setup(report, metric), _by_data_size(report, metric), _paired(report, metric), _targets(report, metric),
+             _ranks(report),
              _spectra_section(report, metric), _costs(report), _suggestion(found)]
     figure_lines = "".join(f"![{name}]({file})\n\n" for name, file in written.items())
     return "\n".join(p for p in parts if p) + ("\n## Figures\n\n" + figure_lines if figure_lines else "")
@@ -156,17 +160,39 @@ def _targets(report: dict, metric: Metric) -> str:
             + _table(["setting", "targets", "trainable", f"held-out {metric.name}", "95% CI (1.96 std/sqrt n)"], rows))
 
 
+def _paired(report: dict, metric: Metric) -> str:
+    """Each setting minus the reference arm on the same seed, by data size."""
+    diffs = report["paired"]["differences"]
+    if not diffs:
+        return ""
+    sizes = sorted({d["data_size"] for d in diffs}, key=lambda s: (s == 0, s))
+    rows: dict[str, dict] = {}
+    for d in sorted(diffs, key=lambda d: (d["full"], d["arm"], d["rank"])):
+        rows.setdefault(_setting(d), {})[d["data_size"]] = d
+    return (f"### Paired by seed: minus `{report['paired']['reference']}` on the same seed\n\nThe same seed means "
+            f"the same held-out split and training subset, so this difference of held-out {metric.name} is free of "
+            "the split's own variation, which can be much of the spread between seeds above:\n\n"
+            + _table(["setting"] + [f"{_size(s)} examples" for s in sizes],
+                     [[name] + [_difference(row.get(s)) for s in sizes] for name, row in rows.items()]))
+
+
+def _difference(d: dict | None) -> str:
+    return "-" if d is None else f"{d['difference']:+.3f} ± {d['difference_std']:.3f} (n={d['n']})"
+
+
 def _ranks(report: dict) -> str:
-    multi = {c["arm"] for c in report["cells"] if not c["full"]}
-    multi = [a for a in multi if len({c["rank"] for c in report["cells"] if c["arm"] == a}) > 1]
+    series = rank_series(report["cells"])
+    sets = sorted({targets for targets, _ in series})
     sections = []
-    for arm in sorted(multi):
-        cs = [c for c in report["cells"] if c["arm"] == arm]
-        sizes = sorted({c["data_size"] for c in cs}, key=lambda s: (s == 0, s))
-        ranks = sorted({c["rank"] for c in cs})
-        at = {(c["rank"], c["data_size"]): c for c in cs}
-        rows = [[r] + [_value(at.get((r, s))) for s in sizes] for r in ranks]
-        sections.append(f"### {arm}\n\n" + _table(["rank"] + [f"{_size(s)} examples" for s in sizes], rows))
+    for targets in sets:
+        sizes = sorted((size for t, size in series if t == targets), key=lambda s: (s == 0, s))
+        at = {(c["rank"], size): c for size in sizes for c in series[(targets, size)]}
+        ranks = sorted({rank for rank, _ in at})
+        arms = sorted({c["arm"] for c in at.values()})
+        rows = [[r] + [_value(at.get((r, s))) for s in sizes] + [f"{at[(r, sizes[-1])]['trainable']:,}"
+                                                                 if (r, sizes[-1]) in at else "-"] for r in ranks]
+        sections.append(f"### {targets} (arms {', '.join(arms)})\n\n"
+                        + _table(["rank"] + [f"{_size(s)} examples" for s in sizes] + ["trainable"], rows))
     return "## Q3: rank by data size\n\n" + "\n".join(sections) if sections else ""
 
 

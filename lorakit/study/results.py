@@ -154,3 +154,33 @@ def largest_size(cells: list[dict]) -> int:
     """The largest data size among the cells (0, meaning all examples, is the largest)."""
     sizes = {c["data_size"] for c in cells}
     return 0 if 0 in sizes else max(sizes)
+
+
+def rank_series(cells: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """(target set, data size) -> its LoRA cells by rank, for target sets run at more than one rank (arms with
+    the same targets and learning rate, e.g. "qv" and "qv-ranks", are one series)."""
+    series: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        if not c["full"]:
+            series.setdefault((",".join(c["targets"]), c["data_size"]), []).append(c)
+    return {key: sorted(members, key=lambda c: c["rank"]) for key, members in series.items()
+            if len({c["rank"] for c in members}) > 1 and len({c["lr"] for c in members}) == 1}
+
+
+def paired_differences(records: list[dict], reference: str) -> list[dict]:
+    """Per setting and data size: its metric minus the `reference` arm's on the same seed and data size (the
+    same held-out split and training subset), mean and std (ddof=1) over the seeds both have. Paired, the
+    split's own variation (often most of the spread between seeds) cancels."""
+    base = {(r["data_size"], r["seed"]): r["metric"] for r in records if r["arm"] == reference}
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        if r["arm"] != reference and (r["data_size"], r["seed"]) in base:
+            key = (r["arm"], r["rank"], r["full"], r["data_size"])
+            groups.setdefault(key, []).append(r["metric"] - base[(r["data_size"], r["seed"])])
+    out = []
+    for (arm, rank, full, size), values in groups.items():
+        values = np.array(values)
+        out.append({"arm": arm, "rank": rank, "full": full, "data_size": size, "n": len(values),
+                    "difference": float(values.mean()),
+                    "difference_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0})
+    return out
