@@ -129,6 +129,12 @@ def test_quick_study_end_to_end_report_recomputed_from_summaries(encoder, labell
         assert cell["metric"] == pytest.approx(values.mean())
         assert cell["metric_std"] == pytest.approx(values.std(ddof=1) if len(values) > 1 else 0.0)
         assert cell["trainable"] == summaries[members[0].name]["trainable_parameters"]
+    # paired by seed: ffn minus qv on the same seed (same split), as numpy computes it
+    accuracy = {(r.arm, r.seed): summaries[r.name]["last_eval"]["eval_accuracy"] for r in runs.grid if r.data_size == 0}
+    ffn = next(d for d in report["paired"]["differences"] if d["arm"] == "ffn")
+    differences = np.array([accuracy[("ffn", seed)] - accuracy[("qv", seed)] for seed in (0, 1)])
+    assert report["paired"]["reference"] == "qv" and ffn["n"] == 2
+    assert (ffn["difference"], ffn["difference_std"]) == pytest.approx((differences.mean(), differences.std(ddof=1)))
     # change one run's summary: the regenerated report says so
     target = next(r for r in runs.grid if r.arm == "full")
     summary = summaries[target.name]
