@@ -67,11 +67,12 @@ def _figures(report: dict, metric: Metric, folder: Path) -> dict[str, str]:
     cs, written = report["cells"], {}
     if not cs:
         return written
-    plots = {"data": lambda p: figures.quality_vs_data(cs, metric, p),
-             "gap": lambda p: figures.quality_vs_data(cs, metric, p, key="gap"),
-             "params": lambda p: figures.quality_vs_parameters(cs, metric, p),
-             "rank": lambda p: figures.quality_vs_rank(cs, metric, p),
-             "cost": lambda p: figures.costs(cs, p)}
+    plots = {"params": lambda p: figures.quality_vs_parameters(cs, metric, p), "cost": lambda p: figures.costs(cs, p)}
+    if len({c["data_size"] for c in cs}) > 1:
+        plots["data"] = lambda p: figures.quality_vs_data(cs, metric, p)
+        plots["gap"] = lambda p: figures.quality_vs_data(cs, metric, p, key="gap")
+    if rank_series(cs):
+        plots["rank"] = lambda p: figures.quality_vs_rank(cs, metric, p)
     if report["spectra"]:
         plots["spectra"] = lambda p: figures.spectra(report["spectra"]["types"], alone_cells(report), metric, p)
     for name, plot in plots.items():
@@ -116,14 +117,17 @@ def _setup(report: dict, metric: Metric) -> str:
     sweep_rows = [[s["arm"], s["rank"] or "-", _size(s["data_size"]), s["seed"], f"{s['lr']:g}",
                    f"{s['metric']:.4f}", "**chosen**" if report["lrs"].get(s["arm"]) == s["lr"] else ""]
                   for s in report["sweep"]]
+    before = [r["first_metric"] for r in report["records"] if r.get("first_metric") is not None]
+    before_text = f" (before training: {statistics.mean(before):.3f}, mean over runs)" if before else ""
+    failed = f"; {len(report['failed_runs'])} failed (diverged)" if report["failed_runs"] else ""
     text = (f"# Study `{report['study']}`: {report['model']} on {report['data']} ({report['task']})\n\n"
             f"Held-out metric: **{metric.name}** ({'higher' if metric.higher_is_better else 'lower'} is better), "
-            f"at the end of training. Every run gets the same budget of **{report['steps']} optimiser steps** "
-            f"of {report['batch_size']} examples (steps, not epochs: a smaller data set is seen more times). "
+            f"at the end of training{before_text}. Every run gets the same budget of **{report['steps']} optimiser "
+            f"steps** of {report['batch_size']} examples (steps, not epochs: a smaller data set is seen more times). "
             f"Means ± sample std (ddof=1) over seeds; n = seeds. Runs finished: {report['finished_runs']} of "
-            f"{report['planned_runs']}" + (f"; {len(report['failed_runs'])} failed (diverged)" if report["failed_runs"] else "")
-            + f".\n\nTimes were measured on a shared machine ({load}): read them as indicative.\n\n"
-            f"Learning rates: each arm's own sweep, chosen by held-out {metric.name}; chosen: "
+            f"{report['planned_runs']}{failed}.\n\nTimes were measured on a shared machine ({load}): read them as "
+            f"indicative.\n\nLearning rates, chosen by held-out {metric.name} in each swept arm's sweep (the others "
+            "take a swept arm's rate: `lr_from` in the spec): "
             + ", ".join(f"{arm} {lr:g}" for arm, lr in report["lrs"].items()) + ".\n\n")
     if sweep_rows:
         text += _table(["arm", "rank", "examples", "seed", "lr", metric.name, ""], sweep_rows)
@@ -146,8 +150,17 @@ def _by_data_size(report: dict, metric: Metric) -> str:
         return "## Results\n\nNo finished runs yet.\n"
     return (f"## Q1: LoRA and full fine-tuning by data size\n\nHeld-out {metric.name}:\n\n{_grid(cs, 'metric', 3)}\n"
             f"Train minus held-out {metric.name} (on as many training examples as the held-out set has; "
-            f"{'positive' if metric.higher_is_better else 'negative'} = better on the training data):\n\n"
+            f"{'positive' if metric.higher_is_better else 'negative'} = better on the training data){_sample_note(report)}:\n\n"
             f"{_grid(cs, 'gap', 3)}")
+
+
+def _sample_note(report: dict) -> str:
+    first = sum(r["train_sample"] == "first" for r in report["records"])
+    if not first:
+        return ", a seeded random sample of the run's training examples"
+    return (f". In {first} of {len(report['records'])} runs these were the *first* training examples in file order "
+            "(as lorakit study measured them then), which is a fair sample of a shuffled file but not of an ordered "
+            "one such as a book")
 
 
 def _targets(report: dict, metric: Metric) -> str:

@@ -112,7 +112,8 @@ def read_record(run: Run, metric: Metric) -> dict:
             "first_metric": summary["first_eval"].get(metric.key),
             "trainable": summary["trainable_parameters"], "seconds": summary["seconds"],
             "peak_rss_bytes": summary["peak_memory_bytes"], "saved_bytes": summary["saved_bytes"],
-            "loadavg": extra.get("loadavg")}
+            "loadavg": extra.get("loadavg"),
+            "train_sample": extra.get("train_eval_sample", "first")}  # "first": lorakit before 781e38f
 
 
 def read_records(runs: list[Run], metric: Metric) -> list[dict]:
