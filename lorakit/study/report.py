@@ -237,10 +237,14 @@ def _costs(report: dict) -> str:
     cs = [c for c in report["cells"] if c["data_size"] == largest_size(report["cells"])] if report["cells"] else []
     if not cs:
         return ""
-    rows = [[_setting(c), f"{c['seconds']:.1f} ± {c['seconds_std']:.1f}", f"{c['peak_rss_bytes'] / 2 ** 20:.0f}",
-             f"{c['saved_bytes'] / 1e6:.3f}"] for c in sorted(cs, key=lambda c: c["trainable"])]
-    return ("## Cost per run (largest data size; shared machine)\n\n"
-            + _table(["setting", "seconds", "peak RSS (MiB)", "saved adapter / model (MB)"], rows))
+    rows = [[_setting(c), f"{c['seconds']:.1f} ± {c['seconds_std']:.1f}", f"{c['peak_rss_bytes_min'] / 2 ** 20:.0f}",
+             f"{c['peak_rss_bytes'] / 2 ** 20:.0f}", f"{c['saved_bytes'] / 1e6:.3f}"]
+            for c in sorted(cs, key=lambda c: c["trainable"])]
+    return ("## Cost per run (largest data size; shared machine)\n\nPeak RSS is the worker process's during the run "
+            "(its mark reset at the start); a worker runs one run after another, so it includes what earlier runs "
+            "left allocated: the lowest over seeds is the better estimate.\n\n"
+            + _table(["setting", "seconds (training)", "peak RSS, lowest (MiB)", "peak RSS, mean (MiB)",
+                      "saved adapter / model (MB)"], rows))
 
 
 def _suggestion(found: Suggestion | None) -> str:

@@ -127,8 +127,8 @@ SPREAD_OF = ("metric", "train_metric", "gap", "seconds", "peak_rss_bytes")
 
 def cells(records: list[dict]) -> list[dict]:
     """Records grouped by everything but the seed: n, seeds, and mean / std (sample, ddof=1; 0 for one seed)
-    of the metric, train metric, gap, time and memory; trainable parameters and adapter size are the same
-    for every seed."""
+    of the metric, train metric, gap, time and memory (and the lowest peak RSS: a worker's peak includes what
+    its earlier runs left allocated); trainable parameters and adapter size are the same for every seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in CELL_KEYS), []).append(r)
@@ -142,6 +142,7 @@ def cells(records: list[dict]) -> list[dict]:
             values = np.array([m[name] for m in members], dtype=float)
             cell[name] = float(values.mean())
             cell[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        cell["peak_rss_bytes_min"] = min(m["peak_rss_bytes"] for m in members)
         out.append(cell)
     return out
 

@@ -160,13 +160,21 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def _rss() -> int | None:
+    """This process's resident set size now (Linux), or None."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def execute(run: Run) -> dict:
     """Train `run` from scratch (a half-done folder is removed first), score its training examples, and write
     the study's record of it last: with summary.json, it marks the run finished."""
     if run.folder.exists():
         shutil.rmtree(run.folder)
     record = {"config_hash": run.key, "threads": torch.get_num_threads(), "peak_rss_reset": reset_peak_rss(),
-              "loadavg_start": os.getloadavg()}
+              "rss_start_bytes": _rss(), "loadavg_start": os.getloadavg()}
     started = time.perf_counter()
     try:
         result = train(run.config)
