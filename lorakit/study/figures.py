@@ -49,15 +49,17 @@ def quality_vs_data(cells: list[dict], metric: Metric, png: Path, key: str = "me
 
 
 def quality_vs_parameters(cells: list[dict], metric: Metric, png: Path) -> Path:
-    """Held-out metric against trainable parameters at the largest data size, one colour per arm."""
+    """Held-out metric against trainable parameters at the largest data size, one line per target set
+    (its ranks, over every arm that adapts it), full fine-tuning a square."""
     plt = _pyplot()
     fig, ax = _axes(plt, f"held-out {metric.name} vs trainable parameters (largest data size)",
                     "trainable parameters", f"held-out {metric.name}")
-    for arm, members in _by_arm(cells).items():
+    for members in _by_targets(cells).values():
         members = sorted(members, key=lambda c: c["trainable"])
+        arms = "+".join(dict.fromkeys(c["arm"] for c in members))
         ax.errorbar([c["trainable"] for c in members], [c["metric"] for c in members],
                     yerr=[c["metric_std"] for c in members], marker="s" if members[0]["full"] else "o", capsize=3,
-                    label=arm)
+                    label=arms if members[0]["full"] else f"{arms}: {','.join(members[0]['targets'])}")
         for c in members:
             if not c["full"]:
                 ax.annotate(f"r{c['rank']}", (c["trainable"], c["metric"]), fontsize=7, xytext=(3, 3),
@@ -133,8 +135,8 @@ def _largest(cells: list[dict]) -> list[dict]:
     return [c for c in cells if c["data_size"] == size]
 
 
-def _by_arm(cells: list[dict]) -> dict[str, list[dict]]:
-    arms: dict[str, list[dict]] = {}
+def _by_targets(cells: list[dict]) -> dict[str, list[dict]]:
+    sets: dict[str, list[dict]] = {}
     for c in _largest(cells):
-        arms.setdefault(c["arm"], []).append(c)
-    return arms
+        sets.setdefault("full" if c["full"] else ",".join(c["targets"]), []).append(c)
+    return sets
