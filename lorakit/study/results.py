@@ -159,14 +159,18 @@ def largest_size(cells: list[dict]) -> int:
 
 
 def rank_series(cells: list[dict]) -> dict[tuple[str, int], list[dict]]:
-    """(target set, data size) -> its LoRA cells by rank, for target sets run at more than one rank (arms with
-    the same targets and learning rate, e.g. "qv" and "qv-ranks", are one series)."""
-    series: dict[tuple[str, int], list[dict]] = {}
+    """(target set, data size) -> its LoRA cells by rank at one learning rate, for target sets run at more than
+    one rank (arms with the same targets and learning rate, e.g. "qv" and "qv-ranks", are one series; a cell
+    at another rate, e.g. a rank with its own sweep, is left out of it)."""
+    groups: dict[tuple[str, int, float], list[dict]] = {}
     for c in cells:
         if not c["full"]:
-            series.setdefault((",".join(c["targets"]), c["data_size"]), []).append(c)
-    return {key: sorted(members, key=lambda c: c["rank"]) for key, members in series.items()
-            if len({c["rank"] for c in members}) > 1 and len({c["lr"] for c in members}) == 1}
+            groups.setdefault((",".join(c["targets"]), c["data_size"], c["lr"]), []).append(c)
+    series: dict[tuple[str, int], list[dict]] = {}
+    for (targets, size, _), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):  # the longest
+        if len({c["rank"] for c in members}) > 1 and (targets, size) not in series:
+            series[(targets, size)] = sorted(members, key=lambda c: c["rank"])
+    return series
 
 
 def paired_differences(records: list[dict], reference: str) -> list[dict]:
