@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,12 +117,19 @@ def run_all(runs: list[Run], pool: ProcessPoolExecutor | None, log: StudyLog, pr
             bar.update(1)
             continue
         running[pool.submit(execute, run)] = run
+    broken = False
     while running:
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in done:
             _log_outcome(log, running.pop(future), phase, future)
+            broken = broken or isinstance(future.exception(), BrokenProcessPool)
             bar.update(1)
     bar.close()
+    if broken:  # a worker died (e.g. killed for memory): the pool runs nothing more
+        log.write("study_stopped", reason="a worker process died")
+        raise LoraError("a worker process of the study died (the system may have killed it for memory); the "
+                        "runs it held are logged as run_crash. Run the study again to resume, with fewer --jobs "
+                        "if memory is short")
 
 
 def _here(run: Run) -> Future:
