@@ -55,8 +55,8 @@ bench-serve: install
 analysis: install
 	$(PY) docs/make_analysis.py $(ANALYSIS_ARGS)
 
-# The grids behind docs/study.md (about 45 min on 2 idle cores): MiniLM (data sizes, target sets, ranks 1-64, full
-# fine-tuning) and SmolLM2 (target sets, ranks), 3 seeds, each arm's own learning-rate sweep; reports and figures in
+# The grids behind docs/study.md (about an hour on 2 idle cores, from the runs' own times): MiniLM (data sizes, target
+# sets, ranks 1-64, full fine-tuning) and SmolLM2 (target sets, ranks, full fine-tuning), 3 seeds, learning-rate sweeps; reports and figures in
 # docs/study/<name>/ (committed), runs in out/study/<name>/ (not). Run it again to resume. STUDY_ARGS=--quick: a smoke
 # run (4 steps, one seed) that reports under out/study-quick/ and leaves docs/study alone.
 STUDIES := minilm smollm2
