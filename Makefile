@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test quick bench bench-precision bench-distributed bench-serve analysis clean
+.PHONY: install demo test quick bench bench-precision bench-distributed bench-serve analysis study clean
 
 install: $(STAMP)
 
@@ -54,6 +54,17 @@ bench-serve: install
 # fine-tuning, then `lorakit analyze`; reports in docs/analysis/<experiment>/.
 analysis: install
 	$(PY) docs/make_analysis.py $(ANALYSIS_ARGS)
+
+# The grids behind docs/study.md (about an hour on 2 idle cores, from the runs' own times): MiniLM (data sizes, target
+# sets, ranks 1-64, full fine-tuning) and SmolLM2 (target sets, ranks, full fine-tuning), 3 seeds, learning-rate sweeps; reports and figures in
+# docs/study/<name>/ (committed), runs in out/study/<name>/ (not). Run it again to resume. STUDY_ARGS=--quick: a smoke
+# run (4 steps, one seed) that reports under out/study-quick/ and leaves docs/study alone.
+STUDIES := minilm smollm2
+study: install
+	@for s in $(STUDIES); do \
+	  if [ -n "$(STUDY_ARGS)" ]; then out=out/study-quick/$$s; reports=$$out; else out=out/study/$$s; reports=docs/study/$$s; fi; \
+	  $(PY) -m lorakit study docs/study/$$s.toml --out $$out --report-dir $$reports $(STUDY_ARGS) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

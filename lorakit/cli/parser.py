@@ -17,7 +17,7 @@ from ..training.config import TrainConfig
 from ..training.datasets import TASKS
 from ..training import plan_memory
 from ..training.plan import PlanConfig
-from . import commands
+from . import commands, study
 from ..serving.server import ServeConfig
 from .options import (add_dataclass_options, adapter_option, existing_directory, existing_file, named_adapter,
                       weighted_adapter)
@@ -33,6 +33,7 @@ EXAMPLES = {
     "export": "lorakit export out/run/adapter --for vllm --out out/run/adapter-vllm",
     "analyze": "lorakit analyze out/r8/adapter --compare out/r64/adapter --base minilm-l6 --out out/analysis",
     "serve": "lorakit serve --model smollm2-135m --adapter kjv=out/demo/kjv/adapter --port 8000",
+    "study": study.EXAMPLE,
     "plan": "lorakit plan --model smollm2-135m --rank 8 --targets q_proj,v_proj --batch 8 --seq 128",
 }
 ADAPTER_HELP = "adapter folder (adapter_config.json + adapter_model.safetensors)"
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--adapter", dest="adapters", action="append", default=[], type=named_adapter,
                         metavar="NAME=DIR", help="an adapter requests name as their model (repeatable)")
     add_dataclass_options(server, ServeConfig, skip=("adapters",))
+    study.add_study_options(command("study", "a grid of training runs (ranks, target sets, data sizes, learning "
+                                             "rates, full fine-tuning, seeds) with mean and spread over seeds; "
+                                             "resumable; writes report.md, report.json and figures",
+                                    study.run_study_command))
     return parser
 
 

@@ -12,6 +12,7 @@ from .datasets import TASKS
 from .parallel import INT8_UNSHARDABLE, STRATEGIES
 
 SCHEDULES = ("constant", "linear", "cosine")
+REPORTERS = ("tensorboard",)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimiser step (batch_size must divide evenly)")
     max_length: int = option(128, "tokens per example (longer texts are split or truncated)")
     eval_fraction: float = option(0.1, "share of the data held out for evaluation (0: none)")
+    train_examples: int = option(0, "train on a seeded random N of the examples left after the held-out split "
+                                    "(0: all); the held-out set stays the same, so data sizes compare on it")
     eval_every: int = option(0, "evaluate every N steps (0: only at the start and end)")
     save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
@@ -61,6 +64,8 @@ class TrainConfig:
         "transformer block, for a base too large for one device); default: ddp under torchrun, none alone",
         choices=STRATEGIES)
     progress: bool = option(True, "show a progress bar")
+    report_to: str | None = option(None, "also log loss, lr and eval metrics to: tensorboard (event files in "
+                                         "OUT/tensorboard/)", choices=REPORTERS)
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -80,7 +85,7 @@ class TrainConfig:
         positive = ("steps", "batch_size", "grad_accum", "max_length")
         p += [f"{k}={getattr(self, k)!r}: must be a positive integer" for k in positive
               if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
-        non_negative = ("warmup", "eval_every", "save_every", "keep_checkpoints", "clip", "weight_decay", "max_bad_steps")
+        non_negative = ("train_examples", "warmup", "eval_every", "save_every", "keep_checkpoints", "clip", "weight_decay", "max_bad_steps")
         p += [f"{k}={getattr(self, k)!r}: must be >= 0" for k in non_negative if getattr(self, k) < 0]
         if self.task not in TASKS:
             p.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
@@ -89,6 +94,9 @@ class TrainConfig:
                      "torchrun, none alone)")
         if self.strategy == "fsdp" and isinstance(self.base, BasePrecision) and self.base.base_dtype == "int8":
             p.append(f"base_dtype='int8' with strategy='fsdp': {INT8_UNSHARDABLE}")
+        if self.report_to is not None and self.report_to not in REPORTERS:
+            p.append(f"report_to={self.report_to!r}: must be one of {', '.join(REPORTERS)} (or None: the JSONL log "
+                     "and loss.png only)")
         if self.schedule not in SCHEDULES:
             p.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
         if not 0 <= self.eval_fraction < 1:

@@ -228,3 +228,15 @@ def _classify_examples(path: Path, records: list[tuple[int, dict]], tokenizer, m
         ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         examples.append({"input_ids": ids, "label": index[str(label)]})
     return examples, tuple(label_names)
+
+
+def sample_dataset(ds: Dataset, count: int, seed: int) -> Dataset:
+    """A seeded random `count` of ds's examples, kept in file order (count=0: all of them)."""
+    n = len(ds.examples)
+    if count > n:
+        raise LoraError(f"train_examples={count}: {ds.source} has only {n} training example(s) after the held-out "
+                        "split; use at most that many, or 0 for all")
+    if count == 0:
+        return ds
+    chosen = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()[:count])
+    return replace(ds, examples=[e for i, e in enumerate(ds.examples) if i in chosen])

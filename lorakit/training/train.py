@@ -29,8 +29,9 @@ from .batches import BatchStream, collate, padding_id, target_count
 from .checkpoint import (TrainingState, load_checkpoint, optimizer_groups, restore_trainable_, save_checkpoint,
                          trainable_tensors)
 from .config import TrainConfig
-from .datasets import load_dataset, split_dataset
+from .datasets import load_dataset, sample_dataset, split_dataset
 from .distributed import World, all_reduce_sum, barrier, close_world, gather_rng, init_world, set_rng_state
+from .events import EventLog
 from .lora_plus import lora_plus_groups
 from .loss import summed_causal_lm_loss
 from .parallel import gradient_norm, parallelize, strategy_for
@@ -79,6 +80,7 @@ class _Run:
         self.model = load_task_model(cfg.model, cfg.task, data.label_names, cfg.base)
         self.head = classifier_head(self.model) if cfg.task == "classify" else None
         self.train_data, self.eval_data = split_dataset(data, cfg.eval_fraction, cfg.seed)
+        self.train_data = sample_dataset(self.train_data, cfg.train_examples, cfg.seed)
         self.pad_id = padding_id(self.tokenizer)
         self._prepare_model()
         self.base = None if cfg.full else base_record(self.model)  # while the base is whole (before FSDP)
@@ -93,6 +95,7 @@ class _Run:
         self.stream = BatchStream(len(self.train_data.examples), cfg.batch_size, cfg.seed, world.rank, world.size)
         self.step, self.bad_in_a_row, self.skipped = 0, 0, 0
         self.evals: list[dict] = []
+        self.events = EventLog(self.out, cfg.report_to if world.is_main else None)
 
     # --- set-up ---------------------------------------------------------------------------------
     def _prepare_model(self) -> None:
@@ -156,6 +159,7 @@ class _Run:
         self.evals.append(self.evaluate())
         self._log(self.evals[-1])
         self.checkpoint()
+        self.events.close()
         saved = self.save_final()
         result = TrainResult(self.step, trainable, total, self.evals[0], self.evals[-1], self._best(),
                              self.skipped, time.perf_counter() - began, self.out, saved, self.model.eval())
@@ -226,6 +230,7 @@ class _Run:
         if self.world.is_main:
             with open(self.out / LOG_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.events.write(record)
 
     def checkpoint(self) -> None:
         """Every process: its shards of the trainable state, and its generators; rank 0 the rest."""
