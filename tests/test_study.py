@@ -154,7 +154,7 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(encoder, labelled,
     process = subprocess.Popen([sys.executable, "-m", "lorakit", "study", str(spec_file), "--out", str(out),
                                 "--jobs", "2"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # generous: a loaded 2-core machine trains the first runs slowly
     while time.monotonic() < deadline and (not (out / LOG_FILE).exists() or len(events(out, "run_done")) < 3):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the study, its forkserver and its worker, mid-run

@@ -11,7 +11,7 @@ from ..io.files import write_atomically
 
 def plot_loss_curve(log_file: Path, png: Path) -> Path:
     """Training loss per step and held-out loss at each evaluation, from a run's JSON-lines log."""
-    plt = _pyplot()
+    plt = pyplot()
     records = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and not r.get("skipped")]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
@@ -26,10 +26,10 @@ def plot_loss_curve(log_file: Path, png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,8 +38,8 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, png: Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig, png: Path) -> Path:
+    plt = pyplot()
     try:
         return write_atomically(png, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
@@ -54,7 +54,7 @@ def short_names(groups) -> dict[str, str]:
 
 def plot_spectra(result: dict, png: Path) -> Path:
     """Per kind of module, sigma_k / sigma_1 of each layer's update against k (log scale), coloured by depth."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = by_group(result["modules"])
     names = short_names(groups)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), dpi=110, squeeze=False,
@@ -73,7 +73,7 @@ def plot_spectra(result: dict, png: Path) -> Path:
         ax.grid(alpha=0.3)
         if len(members) <= 12:
             ax.legend(fontsize=7, ncol=2)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def _phi_image(ax, phi: list[list[float]], rows: int, cols: int, aspect: str):
@@ -85,7 +85,7 @@ def _phi_image(ax, phi: list[list[float]], rows: int, cols: int, aspect: str):
 def plot_similarity(result: dict, png: Path, zoom: int = 8) -> Path:
     """Per kind of module: phi(i, j) averaged over layers, whole and its top-`zoom` corner (the
     paper's Figure 3 layout: i down, j across, brighter = more alike)."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = by_group([m for m in result["modules"] if "similarity" in m])
     names = short_names(groups)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), dpi=110, squeeze=False,
@@ -101,13 +101,13 @@ def plot_similarity(result: dict, png: Path, zoom: int = 8) -> Path:
             ax.set_ylabel("i: first update's top-i")
             ax.set_title(f"{names[group]}: phi(i, j), {title}, mean of {len(members)} layers", fontsize=9)
         fig.colorbar(image, ax=row.tolist(), shrink=0.9, label="phi")
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def plot_similarity_by_layer(result: dict, png: Path, zoom: int = 8, most: int = 6) -> Path:
     """phi(i, j) for i, j <= `zoom`, layer by layer (at most `most` layers, evenly spaced): an average
     over layers can hide one layer's strong overlap."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = by_group([m for m in result["modules"] if "similarity" in m])
     names = short_names(groups)
     picked = {g: [ms[round(k * (len(ms) - 1) / max(1, min(most, len(ms)) - 1))] for k in range(min(most, len(ms)))]
@@ -126,4 +126,4 @@ def plot_similarity_by_layer(result: dict, png: Path, zoom: int = 8, most: int =
             ax.set_xlabel("j", fontsize=8)
             ax.set_ylabel("i", fontsize=8)
         fig.colorbar(image, ax=row.tolist(), shrink=0.9, label="phi")
-    return _save_figure(fig, png)
+    return save_figure(fig, png)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..analysis.figures import _pyplot, _save_figure
+from ..analysis.figures import pyplot, save_figure
 from .results import Metric, largest_size, rank_series
 
 
@@ -32,7 +32,7 @@ def _axes(plt, title: str, xlabel: str, ylabel: str, logx: bool = True):
 
 def quality_vs_data(cells: list[dict], metric: Metric, png: Path, key: str = "metric") -> Path:
     """Held-out metric (or, with key="gap", train minus held-out) against training examples, per setting."""
-    plt = _pyplot()
+    plt = pyplot()
     what = f"held-out {metric.name}" if key == "metric" else f"train - held-out {metric.name}"
     fig, ax = _axes(plt, f"{what} vs data size (mean, bar = std over seeds)", "training examples", what)
     for members in _series(cells, "train_examples").values():
@@ -45,13 +45,13 @@ def quality_vs_data(cells: list[dict], metric: Metric, png: Path, key: str = "me
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.minorticks_off()
     _legend(ax, ncol=2)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def quality_vs_parameters(cells: list[dict], metric: Metric, png: Path) -> Path:
     """Held-out metric against trainable parameters at the largest data size, one line per target set
     (its ranks, over every arm that adapts it), full fine-tuning a square."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = _axes(plt, f"held-out {metric.name} vs trainable parameters (largest data size)",
                     "trainable parameters", f"held-out {metric.name}")
     for members in _by_targets(cells).values():
@@ -65,12 +65,12 @@ def quality_vs_parameters(cells: list[dict], metric: Metric, png: Path) -> Path:
                 ax.annotate(f"r{c['rank']}", (c["trainable"], c["metric"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
     _legend(ax)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def quality_vs_rank(cells: list[dict], metric: Metric, png: Path) -> Path:
     """Held-out metric against rank, one line per target set and data size (sets run at several ranks)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = _axes(plt, f"held-out {metric.name} vs rank (mean, bar = std over seeds)", "rank r",
                     f"held-out {metric.name}")
     for (targets, _), members in rank_series(cells).items():
@@ -79,12 +79,12 @@ def quality_vs_rank(cells: list[dict], metric: Metric, png: Path) -> Path:
                     label=f"{targets}, {members[0]['train_examples']} examples")
     ax.set_xscale("log", base=2)
     _legend(ax)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def costs(cells: list[dict], png: Path) -> Path:
     """Seconds per run, peak RSS and saved size (adapter, or the whole model) per setting, largest data size."""
-    plt = _pyplot()
+    plt = pyplot()
     shown = sorted(_largest(cells), key=lambda c: (c["full"], c["arm"], c["rank"]))
     labels = [_label(c) for c in shown]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5), dpi=110, layout="constrained")
@@ -96,13 +96,13 @@ def costs(cells: list[dict], png: Path) -> Path:
         if key == "saved_bytes":
             ax.set_xscale("log")
     fig.suptitle("cost per run (shared machine: times are indicative)", fontsize=10)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def spectra(types: dict[str, dict], alone: dict[str, dict], metric: Metric, png: Path) -> Path:
     """Each layer type's W0 spectrum (sigma_k / sigma_1, mean over blocks), its effective-rank share, and
     (for the types some arm adapts alone: `alone`, type -> cell) that arm's held-out metric against it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right, third) = plt.subplots(1, 3, figsize=(18, 4.8), dpi=110, layout="constrained")
     for kind, s in types.items():
         left.plot([i + 1 for i in s["spectrum_index"]], s["spectrum"], ".-", label=kind)
@@ -122,7 +122,7 @@ def spectra(types: dict[str, dict], alone: dict[str, dict], metric: Metric, png:
     third.set(xlabel="W0 effective rank / min(d_out, d_in)", ylabel=f"held-out {metric.name}",
               title="adapting one type alone (same budget) vs W0's rank")
     third.grid(alpha=0.3)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def _legend(ax, ncol: int = 1) -> None:
